@@ -1,0 +1,209 @@
+"""``python -m search.run``: one hyperparameter search of one method on one data set.
+
+Flow (see ../DESIGN): validate everything -> start/join Ray -> parent MLflow run -> fill the
+evidence cache with Ray tasks -> Ray Tune (Optuna TPE, paper defaults as trial 0, ASHA over growing
+image subsets) -> best config, plots and overlays on the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from methods.base import OvssError
+
+REWARDS = ("miou", "clip")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from methods import known_methods
+
+    p = argparse.ArgumentParser(
+        prog="python -m search.run",
+        description="Search the knobs of a training-free OVSS method with Ray Tune + Optuna, "
+                    "logging every trial to MLflow.")
+    p.add_argument("--method", required=True, choices=known_methods(),
+                   help="method family: pnp (PnP-OVSS), clipseg (CLIP CRA+DSI), fseg (FSeg-LLaVA)")
+    p.add_argument("--backbone", help="backbone name from conf/methods/<method>.yaml "
+                   "(default: the YAML's default_backbone, or the preset's)")
+    p.add_argument("--dataset", help="data set name from conf/datasets/ (voc21, voc20, "
+                   "context59, context60, coco_object, coco_stuff164k, ade20k, cityscapes) or "
+                   "'folder' for DIR/images, DIR/masks, DIR/classes.txt")
+    p.add_argument("--data-root", help="root directory of the data set in its standard layout")
+    p.add_argument("--split", default="val", help="data set split to tune on (default: val)")
+    p.add_argument("--max-images", type=int, help="tune on the first N images of the split")
+    p.add_argument("--image-labels", help="JSON {image_id: [class names]} of image-level labels "
+                   "(default for --reward clip: DATA_ROOT/image_labels.json)")
+    p.add_argument("--reward", choices=REWARDS, default="miou",
+                   help="objective: miou (dense labels) or clip (label-free CLIP contrastive "
+                        "reward; needs only image-level labels)")
+    p.add_argument("--reward-backbone", help="CLIP backbone of the clip reward "
+                   "(conf/rewards/clip.yaml; default: its default_backbone)")
+    p.add_argument("--fidelity", action="store_true",
+                   help="with --reward clip on a labelled split: also score every trial with mIoU "
+                        "(off the objective) and log rank correlations to the parent run")
+    p.add_argument("--num-samples", type=int, help="number of trials (default 32; smoke: 8)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once (default: "
+                   "as many as the cluster's resources allow)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial and extraction task, fractions allowed (default 0)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--rungs", type=int, default=3,
+                   help="ASHA rungs: trials are scored on growing image subsets (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler (default 0)")
+    p.add_argument("--address", help="Ray cluster address to join (default: start Ray locally)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                   "sqlite:///./mlflow.db)")
+    p.add_argument("--cache-dir", help="evidence cache directory (default ./.ovss/cache; on a "
+                   "cluster, a directory every node mounts)")
+    p.add_argument("--storage", help="Ray Tune results directory (default ./.ovss/ray_results)")
+    p.add_argument("--name", help="search name, used by --resume (default: method-backbone-"
+                   "dataset-reward)")
+    p.add_argument("--preset", choices=["smoke"], help="smoke: tiny random-weight backbone of "
+                   "the real model class on a generated data set, fully offline, 8 trials")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search of the same --name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override: a knob (fixes it, e.g. tau=6), space.<knob>.<low|high|step|"
+                        "log|choices>, settings.<name>, or backbone.<field> (e.g. "
+                        "backbone.path=/ckpt)")
+    return p
+
+
+@dataclass
+class Plan:
+    """Everything a search needs, validated, before Ray starts."""
+
+    args: argparse.Namespace
+    resolved: Any
+    dataset_name: str
+    data_kwargs: dict
+    classes: Any
+    items: list
+    rungs: list[int]
+    reward: dict
+    num_samples: int
+    tracking_uri: str
+    cache_dir: Path
+    storage: Path
+    name: str
+
+
+def plan_search(args: argparse.Namespace) -> Plan:
+    """Validate config, data and reward; raise OvssError on the first problem."""
+    from search import config as cfg
+    from search.cache import file_hash
+    from search.data import open_dataset
+    from search.trial import ImageItem
+    from search.tracking import default_tracking_uri
+
+    spec = cfg.load_method_spec(args.method)
+    preset = None
+    if args.preset:
+        if args.preset not in spec.presets:
+            raise OvssError(f"method {args.method} has no preset {args.preset!r}")
+        preset = spec.presets[args.preset]
+    dataset = args.dataset or (preset.dataset if preset else None)
+    if not dataset:
+        raise OvssError("no data set: give --dataset (and --data-root)")
+    backbone = args.backbone or (preset.backbone if preset else None)
+    resolved = cfg.resolve(spec, backbone, dataset, cfg.parse_set(args.set), preset)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise OvssError(f"--num-samples {args.num_samples}: must be at least 1")
+    if args.gpus_per_trial < 0:
+        raise OvssError(f"--gpus-per-trial {args.gpus_per_trial}: must not be negative")
+    if args.rungs < 1:
+        raise OvssError(f"--rungs {args.rungs}: must be at least 1")
+
+    root = args.data_root
+    if root is None and preset is not None:
+        from search.data.synthetic import make_dataset
+
+        layout = _smoke_layout(dataset)
+        root = str(make_dataset(layout, Path(".ovss") / "smoke" / dataset, n=8, seed=0))
+    if root is None:
+        raise OvssError(f"no data root: give --data-root for data set {dataset!r}")
+    labels_mode = "image" if (args.reward == "clip" and not args.fidelity) else "dense"
+    data_kwargs = {"name": dataset, "root": str(Path(root).resolve()), "split": args.split,
+                   "labels": labels_mode}
+    if args.image_labels:
+        data_kwargs["image_labels_file"] = str(Path(args.image_labels).resolve())
+    data = open_dataset(**data_kwargs)
+    max_images = args.max_images or (preset.max_images if preset else None)
+    n = len(data) if not max_images else min(max_images, len(data))
+    if n == 0:
+        raise OvssError(f"data set {dataset!r} at {root} has no images in split {args.split!r}")
+    items = []
+    for i in range(n):
+        present = tuple(int(c) for c in data.image_labels(i))
+        items.append(ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), present))
+    rungs = _rungs(n, args.rungs)
+
+    reward: dict[str, Any] = {"name": args.reward}
+    if args.reward == "clip":
+        reward.update(_reward_spec(args, preset))
+
+    num_samples = args.num_samples or (preset.num_samples if preset and preset.num_samples
+                                       else 32)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    name = args.name or f"{args.method}-{resolved.backbone_name}-{dataset}-{args.reward}"
+    work = Path(".ovss")
+    return Plan(args=args, resolved=resolved, dataset_name=dataset, data_kwargs=data_kwargs,
+                classes=data.classes, items=items, rungs=rungs, reward=reward,
+                num_samples=num_samples, tracking_uri=tracking_uri,
+                cache_dir=Path(args.cache_dir or work / "cache").resolve(),
+                storage=Path(args.storage or work / "ray_results").resolve(), name=name)
+
+
+def _smoke_layout(dataset: str) -> str:
+    from search.data import dataset_layout
+
+    return dataset_layout(dataset)
+
+
+def _rungs(n: int, k: int) -> list[int]:
+    """Cumulative image counts of ``k`` rungs growing by 2x and ending at ``n``."""
+    sizes = sorted({max(1, math.ceil(n / 2 ** (k - 1 - i))) for i in range(k)})
+    return sizes
+
+
+def _reward_spec(args: argparse.Namespace, preset) -> dict[str, Any]:
+    import yaml
+
+    from methods.base import CONF_DIR
+
+    path = CONF_DIR / "rewards" / "clip.yaml"
+    conf = yaml.safe_load(path.read_text())
+    name = args.reward_backbone or ("tiny" if preset is not None else conf["default_backbone"])
+    if name not in conf["backbones"]:
+        raise OvssError(f"unknown --reward-backbone {name!r}: choose one of "
+                        f"{', '.join(conf['backbones'])}")
+    return {"backbone": {"name": name, **conf["backbones"][name]},
+            "settings": conf.get("settings", {})}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from search.orchestrate import run_search
+
+        plan = plan_search(args)
+        summary = run_search(plan)
+    except OvssError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: runs marked KILLED; continue with --resume", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    sys.exit(main())

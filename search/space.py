@@ -1,0 +1,37 @@
+"""Search spaces: the YAML ``space`` block -> Optuna distributions, and back to full params."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import optuna
+
+from search.config import CategoricalParam, FloatParam, IntParam, SpaceParam
+
+
+def to_distribution(p: SpaceParam) -> optuna.distributions.BaseDistribution:
+    if isinstance(p, IntParam):
+        return optuna.distributions.IntDistribution(p.low, p.high, step=p.step, log=p.log)
+    if isinstance(p, FloatParam):
+        return optuna.distributions.FloatDistribution(p.low, p.high, step=p.step, log=p.log)
+    if isinstance(p, CategoricalParam):
+        return optuna.distributions.CategoricalDistribution(p.choices)
+    raise TypeError(f"unknown space parameter {p!r}")
+
+
+def optuna_space(space: Mapping[str, SpaceParam]) -> dict[str, Any]:
+    return {k: to_distribution(p) for k, p in space.items()}
+
+
+def full_params(defaults: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """Every knob decode reads: the defaults with the sampled (searched) values on top."""
+    out = dict(defaults)
+    for k, v in sampled.items():
+        if k in out:
+            out[k] = v
+    return out
+
+
+def trial0(defaults: Mapping[str, Any], space: Mapping[str, SpaceParam]) -> dict[str, Any]:
+    """The paper's values for the searched knobs: the point enqueued as the first trial."""
+    return {k: defaults[k] for k in space}

@@ -1,0 +1,189 @@
+"""One trial: evidence in, params in, a score out (Ray and MLflow stay outside).
+
+:class:`SearchContext` is the picklable description of a search that Ray ships to every worker;
+the worker builds the segmenter, the cache, the data set and the scorer once per process
+(:func:`_memo`) and reuses them across trials.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from methods import get_segmenter_class
+from methods.base import ClassSet, Evidence, OvssError, Segmenter
+from search.cache import EvidenceCache, evidence_key
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    index: int          # index in the data set
+    image_id: str
+    image_hash: str     # sha256 of the image file bytes
+    present: tuple[int, ...]  # image-level labels (label values)
+
+
+@dataclass
+class SearchContext:
+    method: str
+    backbone: dict[str, Any]
+    settings: dict[str, Any]
+    defaults: dict[str, Any]
+    classes: dict[str, Any]
+    dataset: dict[str, Any]          # kwargs of search.data.open_dataset
+    items: list[ImageItem]
+    rungs: list[int]                 # cumulative number of images scored after each rung
+    reward: dict[str, Any]           # {"name": "miou"|"clip", ...}
+    cache_dir: str
+    settings_key: dict[str, Any] = field(default_factory=dict)
+    extraction_knobs: tuple[str, ...] = ()
+    fidelity: bool = False
+    device: str = "cpu"
+
+    @property
+    def class_set(self) -> ClassSet:
+        return ClassSet.from_dict(self.classes)
+
+    def base_key(self, item: ImageItem) -> str:
+        # The image-level labels are an input of extract (PnP's prompt lists the present classes).
+        return evidence_key(item.image_hash, self.method, self.settings_key,
+                            {"present": list(item.present)})
+
+    def extension_key(self, item: ImageItem, knobs: Mapping[str, Any]) -> str:
+        return evidence_key(item.image_hash, self.method, self.settings_key,
+                            {"present": list(item.present), **knobs})
+
+
+_MEMO: dict[str, Any] = {}
+
+
+def _memo(kind: str, spec: Any, build: Callable[[], Any]) -> Any:
+    key = kind + json.dumps(spec, sort_keys=True, default=str)
+    if key not in _MEMO:
+        _MEMO[key] = build()
+    return _MEMO[key]
+
+
+def get_segmenter(ctx: SearchContext) -> Segmenter:
+    return _memo("seg", [ctx.method, ctx.backbone, ctx.settings, ctx.device],
+                 lambda: get_segmenter_class(ctx.method).from_spec(ctx.backbone, ctx.settings,
+                                                                    ctx.device))
+
+
+def get_dataset(ctx: SearchContext, labels: str | None = None):
+    from search.data import open_dataset
+
+    kw = dict(ctx.dataset)
+    if labels is not None:
+        kw["labels"] = labels
+    return _memo("data", kw, lambda: open_dataset(**kw))
+
+
+def get_cache(ctx: SearchContext) -> EvidenceCache:
+    return _memo("cache", ctx.cache_dir, lambda: EvidenceCache(ctx.cache_dir))
+
+
+def extract_item(ctx: SearchContext, item: ImageItem) -> bool:
+    """Fill the cache with the knob-independent evidence of one image. True if it was computed."""
+    cache = get_cache(ctx)
+    key = ctx.base_key(item)
+    if cache.has(ctx.method, key):
+        return False
+    seg = get_segmenter(ctx)
+    image = get_dataset(ctx).image(item.index)
+    ev = seg.extract(image, ctx.class_set, list(item.present))
+    cache.put(ctx.method, key, ev)
+    return True
+
+
+def evidence_for(ctx: SearchContext, item: ImageItem, params: Mapping[str, Any]) -> Evidence:
+    """Base evidence (+ the knob-dependent extension, computed and cached on a miss)."""
+    cache = get_cache(ctx)
+    ev = cache.get(ctx.method, ctx.base_key(item))
+    if ev is None:  # evicted or never extracted (e.g. a cache on a node-local disk)
+        extract_item(ctx, item)
+        ev = cache.get(ctx.method, ctx.base_key(item))
+    if not ctx.extraction_knobs:
+        return ev
+    knobs = {k: params[k] for k in ctx.extraction_knobs}
+    xkey = ctx.extension_key(item, knobs)
+    extra = cache.get(ctx.method, xkey)
+    if extra is None:
+        seg = get_segmenter(ctx)
+        image = get_dataset(ctx).image(item.index)
+        extra = seg.extend(ev, image, ctx.class_set, list(item.present), knobs)
+        cache.put(ctx.method, xkey, extra)
+    return ev.merged(extra)
+
+
+def make_scorer(ctx: SearchContext, name: str | None = None):
+    """An accumulator factory for the reward ``name`` (default: the search's reward)."""
+    name = name or ctx.reward["name"]
+    classes = ctx.class_set
+    if name == "miou":
+        from rewards.miou import MiouAccumulator
+
+        ignore = int(ctx.dataset.get("ignore_index", 255))
+        names = list(classes.names)
+
+        def new():
+            acc = MiouAccumulator(len(names), ignore)
+            acc.class_names = names
+            return acc
+
+        return new
+    if name == "clip":
+        from rewards.clip_contrastive import ClipContrastiveReward
+
+        r = ctx.reward
+        reward = _memo("reward", [r, ctx.classes, ctx.device],
+                       lambda: ClipContrastiveReward.from_spec(r["backbone"], r.get("settings", {}),
+                                                               classes, ctx.device))
+        return reward.new
+    raise OvssError(f"unknown reward {name!r}: choose miou or clip")
+
+
+def check_prediction(pred: np.ndarray, image_shape: Sequence[int], n_classes: int,
+                     what: str) -> np.ndarray:
+    if pred.shape != tuple(image_shape[:2]):
+        raise OvssError(f"{what}: decode returned a label map of size {pred.shape}, "
+                        f"expected the image size {tuple(image_shape[:2])}")
+    return pred
+
+
+def evaluate(ctx: SearchContext, params: Mapping[str, Any],
+             report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Decode every tuning image with ``params`` and report the score after each rung."""
+    from search.space import full_params
+
+    seg = get_segmenter(ctx)
+    knobs = full_params(ctx.defaults, params)
+    dense = ctx.reward["name"] == "miou" or ctx.fidelity
+    data = get_dataset(ctx, labels="dense" if dense else "image")
+    acc = make_scorer(ctx)()
+    fid = make_scorer(ctx, "miou")() if ctx.fidelity and ctx.reward["name"] != "miou" else None
+    needs_image = ctx.reward["name"] == "clip"
+    done, result = 0, {}
+    for rung, upto in enumerate(ctx.rungs):
+        for item in ctx.items[done:upto]:
+            ev = evidence_for(ctx, item, knobs)
+            pred = np.asarray(seg.decode(ev, knobs))
+            label = data.label(item.index) if dense else None
+            image = data.image(item.index) if needs_image else None
+            if label is not None:
+                check_prediction(pred, label.shape, len(ctx.class_set.names), item.image_id)
+            acc.update(image, pred, label=label, present=list(item.present))
+            if fid is not None:
+                fid.update(None, pred, label=label, present=list(item.present))
+        done = upto
+        result = {"score": float(acc.value()), "rung": rung, "images": upto,
+                  "rungs_total": len(ctx.rungs)}
+        if fid is not None:
+            result["fidelity_miou"] = float(fid.value())
+        if rung == len(ctx.rungs) - 1:
+            result.update({k: float(v) for k, v in acc.details().items()})
+        report(result)
+    return result
