@@ -202,13 +202,23 @@ def resolve(
     all_overrides = {**(preset.set if preset else {}), **(overrides or {})}
     for key, value in all_overrides.items():
         _apply_override(spec, key, value, settings, defaults, space, loading)
-    # The paper defaults are trial 0: they must lie in the space.
+    # The paper defaults are trial 0: in the shipped YAML they must lie in the space; a space the
+    # user narrowed with --set may exclude one, and trial 0 then takes the nearest value.
     for k, p in space.items():
-        if not p.contains(defaults[k]):
+        if p.contains(defaults[k]):
+            continue
+        if not any(key.startswith(f"space.{k}.") for key in all_overrides):
             raise OvssError(f"default {k}={defaults[k]!r} of method {spec.method} lies outside "
                             f"its search space {p.model_dump(exclude_none=True)}")
+        defaults[k] = _nearest(p, defaults[k])
     return ResolvedMethod(method=spec.method, backbone_name=name, backbone=loading,
                           settings=settings, defaults=defaults, space=space)
+
+
+def _nearest(p: SpaceParam, v: Any) -> Any:
+    if isinstance(p, CategoricalParam):
+        return p.choices[0]
+    return min(max(v, p.low), p.high)
 
 
 def _apply_override(spec, key, value, settings, defaults, space, loading) -> None:

@@ -164,7 +164,7 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback) -> 
         client.log_artifact(parent_id, str(d / "best_config.yaml"))
         for png in _plots(rows, r, d):
             client.log_artifact(parent_id, str(png), "plots")
-        for png in _overlays(ctx, params, d):
+        for png in _overlays(ctx, params, d, gpus=plan.args.gpus_per_trial):
             client.log_artifact(parent_id, str(png), "overlays")
         if ctx.fidelity and plan.reward["name"] != "miou":
             _fidelity(client, parent_id, rows, d)
@@ -211,20 +211,30 @@ def _plots(rows, r, out: Path) -> list[Path]:
     return written
 
 
-def _overlays(ctx, params, out: Path, n: int = 3) -> list[Path]:
-    from PIL import Image
-
+def _overlay_preds(ctx, params, n: int):
+    """Runs as a Ray task (the driver never loads a model): best-config label maps + images."""
     from search.trial import evidence_for, get_dataset, get_segmenter
-    from methods.infer import colorize, overlay
 
     seg = get_segmenter(ctx)
     data = get_dataset(ctx, labels="image" if ctx.reward["name"] == "clip" and not ctx.fidelity
                        else "dense")
-    written = []
+    out = []
     for item in ctx.items[:n]:
         pred = np.asarray(seg.decode(evidence_for(ctx, item, params), params))
-        img = data.image(item.index)
-        path = out / f"{item.image_id}_overlay.png"
+        out.append((item.image_id, data.image(item.index), pred))
+    return out
+
+
+def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0) -> list[Path]:
+    import ray
+    from PIL import Image
+
+    from methods.infer import colorize, overlay
+
+    task = ray.remote(_overlay_preds).options(num_gpus=gpus, max_retries=0)
+    written = []
+    for image_id, img, pred in ray.get(task.remote(ctx, params, n)):
+        path = out / f"{image_id}_overlay.png"
         Image.fromarray(np.concatenate([img, overlay(img, pred), colorize(pred)], 1)).save(path)
         written.append(path)
     return written

@@ -1,0 +1,43 @@
+"""Shared fixtures: one local Ray for the whole session, the toy method registered, and every
+search test in its own working directory (its own sqlite MLflow store and caches)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Registered before anything imports Ray, so the Ray workers inherit them.
+os.environ["OVSS_CONF_PATH"] = str(REPO / "tests" / "conf")
+os.environ["OVSS_METHOD_MODULES"] = "toy=tests.toy_method"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory):
+    from search.data.synthetic import make_dataset
+
+    return make_dataset("voc", tmp_path_factory.mktemp("voc"), n=8, seed=0)
