@@ -75,10 +75,13 @@ def run_search(plan) -> str:
         tags = {"ovss_method": r.method, "ovss_backbone": r.backbone_name,
                 "ovss_dataset": plan.dataset_name, "ovss_reward": plan.reward["name"],
                 "ovss_search_name": plan.name}
-        with tracking.parent_run(client, exp_id, plan.name, tags) as parent_id:
+        reopen = tracking.previous_search_run(client, exp_id, plan.name) if args.resume \
+            else None
+        with tracking.parent_run(client, exp_id, plan.name, tags, reopen) as parent_id:
             from search.tune import extraction_pass, log_search_outputs, tune_search
 
-            _log_plan(client, parent_id, plan, ctx)
+            if reopen is None:
+                _log_plan(client, parent_id, plan, ctx)
             callback = tracking.MlflowTrialCallback(
                 plan.tracking_uri, exp_id, parent_id, plan.reward["name"] + "_score"
                 if plan.reward["name"] == "clip" else "miou", {})

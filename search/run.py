@@ -140,6 +140,15 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise OvssError(f"data set {dataset!r} at {root} has no images in split {args.split!r}")
     items = []
     for i in range(n):
+        # Every image (and, with dense labels, every label map) is read once here, so a corrupt
+        # file or a label map of the wrong size stops the search before Ray starts.
+        image = data.image(i)
+        if labels_mode == "dense":
+            label = data.label(i)
+            if label.shape != image.shape[:2]:
+                raise OvssError(f"label map of image {data.ids()[i]!r} has size "
+                                f"{label.shape[1]}x{label.shape[0]}, the image "
+                                f"{image.shape[1]}x{image.shape[0]}")
         present = tuple(int(c) for c in data.image_labels(i))
         items.append(ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), present))
     rungs = _rungs(n, args.rungs)

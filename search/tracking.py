@@ -43,11 +43,19 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 @contextlib.contextmanager
 def parent_run(
-    client: MlflowClient, experiment_id: str, run_name: str, tags: Mapping[str, str]
+    client: MlflowClient, experiment_id: str, run_name: str, tags: Mapping[str, str],
+    reopen: str | None = None,
 ) -> Iterator[str]:
-    """Create the parent run; end it FINISHED on success, KILLED on Ctrl-C, FAILED otherwise."""
-    run = client.create_run(experiment_id, run_name=run_name, tags={TAG_ROLE: "search", **tags})
-    run_id = run.info.run_id
+    """Create the parent run (or reopen ``reopen`` when resuming); end it FINISHED on success,
+    KILLED on Ctrl-C, FAILED otherwise."""
+    if reopen:
+        run_id = reopen
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "ovss_resumed", "true")
+    else:
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={TAG_ROLE: "search", **tags})
+        run_id = run.info.run_id
     status = "FAILED"
     try:
         yield run_id
@@ -108,6 +116,16 @@ class MlflowTrialCallback(tune.Callback):
         d = dict(self.__dict__)
         d["_client"] = None
         return d
+
+    # Tune checkpoints callback state with the experiment, so --resume keeps logging each
+    # trial into its own child run.
+    def get_state(self) -> dict:
+        return {"runs": self.runs, "numbers": self.numbers, "last": self.last}
+
+    def set_state(self, state: dict) -> None:
+        self.runs.update(state.get("runs", {}))
+        self.numbers.update(state.get("numbers", {}))
+        self.last.update(state.get("last", {}))
 
     @property
     def client(self) -> MlflowClient:
@@ -177,6 +195,14 @@ def close_running_children(client: MlflowClient, experiment_id: str, parent_id: 
         f"'{RunStatus.to_string(RunStatus.RUNNING)}'", max_results=5000)
     for r in runs:
         client.set_terminated(r.info.run_id, status=status)
+
+
+def previous_search_run(client: MlflowClient, experiment_id: str, name: str):
+    """The newest parent run of the search ``name`` (reopened by --resume)."""
+    runs = client.search_runs([experiment_id], f"tags.{TAG_ROLE} = 'search' and "
+                              f"tags.ovss_search_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def latest_search_run(client: MlflowClient, method: str, backbone: str | None,

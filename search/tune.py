@@ -92,6 +92,9 @@ def tune_search(plan, ctx, callback):
                             f"{plan.storage}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
+        # The pickled run config holds the old callback object; log through this run's one
+        # (Tune then restores its checkpointed state: trial -> child run).
+        tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
         sampler = optuna.samplers.TPESampler(seed=args.seed,
                                              n_startup_trials=max(2, min(10, plan.num_samples // 4)))

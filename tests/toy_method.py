@@ -9,6 +9,7 @@ decode: softmax with temperature ``temp``, background where the top probability 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -58,6 +59,9 @@ class ToySegmenter(Segmenter):
         return Evidence({"smoothed": sm.contiguous()}, {"pool": k})
 
     def decode(self, evidence, params):
+        flag = self.settings.get("fail_flag")
+        if flag and int(params["pool"]) == 2 and Path(flag).exists():
+            raise RuntimeError("toy: simulated crash (fail_flag present)")
         aff = evidence.tensors.get("smoothed", evidence.tensors["affinity"])
         prob = torch.softmax(aff / float(params["temp"]), 0)
         scale = {"linear": 1.0, "square": 2.0}[params["mode"]]

@@ -1,0 +1,42 @@
+"""`--preset smoke` of every shipped method: a real search on the tiny backbone logs to MLflow,
+exports, and the export runs inference that writes a mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from methods import METHODS
+from methods.infer import main as infer_main
+from search.export import main as export_main
+from search.run import main as run_main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_smoke_search_exports_and_infers(method, ray_session, workdir, capsys):
+    assert run_main(["--method", method, "--preset", "smoke"]) == 0
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exps = [e for e in client.search_experiments() if e.name.startswith(f"{method}/")]
+    assert len(exps) == 1 and exps[0].name.endswith("/voc21")
+    runs = client.search_runs([exps[0].experiment_id], max_results=100)
+    parent = [r for r in runs if r.data.tags.get("ovss_role") == "search"]
+    trials = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert len(trials) >= 8 and {t.info.status for t in trials} == {"FINISHED"}
+    assert all("miou" in t.data.metrics for t in trials)
+    out = workdir / "tuned.yaml"
+    assert export_main(["--method", method, "--tracking-uri", uri, "--out", str(out)]) == 0
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg["method"] == method
+    image = sorted((workdir / ".ovss" / "smoke" / "voc21" / "JPEGImages").iterdir())[0]
+    pred_png = workdir / "pred.png"
+    assert infer_main(["--config", str(out), "--image", str(image), "--classes",
+                       "cat,dog,person", "--out", str(pred_png)]) == 0
+    pred = np.array(Image.open(pred_png))
+    assert pred.shape == Image.open(image).size[::-1] and pred.max() <= 3
