@@ -14,9 +14,10 @@ Nothing in here knows Ray, Optuna or MLflow.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class ClassSet:
             )
 
     @classmethod
-    def from_names(cls, names: Sequence[str], background: bool = False) -> "ClassSet":
+    def from_names(cls, names: Sequence[str], background: bool = False) -> ClassSet:
         """``from_names(["cat", "dog"])``; with ``background=True`` "background" is prepended."""
         names = [n.strip() for n in names if n.strip()]
         if not names:
@@ -79,7 +80,7 @@ class ClassSet:
                 "background": self.background}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ClassSet":
+    def from_dict(cls, d: Mapping[str, Any]) -> ClassSet:
         return cls(names=tuple(d["names"]), prompts=tuple(tuple(p) for p in d["prompts"]),
                    background=bool(d["background"]))
 
@@ -99,7 +100,7 @@ class Evidence:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def merged(self, other: "Evidence") -> "Evidence":
+    def merged(self, other: Evidence) -> Evidence:
         """A new Evidence with ``other``'s tensors and meta added (``other`` wins on clashes)."""
         return Evidence({**self.tensors, **other.tensors}, {**self.meta, **other.meta})
 
@@ -110,7 +111,7 @@ class Evidence:
     @classmethod
     def from_safetensors_dict(
         cls, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str] | None
-    ) -> "Evidence":
+    ) -> Evidence:
         meta = json.loads((metadata or {}).get("ovss_meta", "{}"))
         return cls(dict(tensors), meta)
 
@@ -131,7 +132,7 @@ class Segmenter:
     @classmethod
     def from_spec(
         cls, backbone: Mapping[str, Any], settings: Mapping[str, Any], device: str = "cpu"
-    ) -> "Segmenter":
+    ) -> Segmenter:
         """Build from a backbone entry of the method YAML and the method's settings.
 
         ``backbone`` has at least ``name`` plus the method's loading fields (hub id, local

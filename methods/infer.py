@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -40,7 +41,7 @@ class TunedSegmenter:
         self.background = bool(classes.get("background", False))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str | None = None) -> "TunedSegmenter":
+    def from_file(cls, path: str | os.PathLike, device: str | None = None) -> TunedSegmenter:
         path = Path(path)
         if not path.is_file():
             raise OvssError(f"tuned config {path} not found")

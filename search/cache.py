@@ -15,8 +15,9 @@ import json
 import os
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,7 +33,7 @@ class IntParam(_Strict):
     log: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "IntParam":
+    def _check(self) -> IntParam:
         _check_range(self.low, self.high, self.step, self.log)
         return self
 
@@ -41,7 +42,7 @@ class IntParam(_Strict):
 
 
 class FloatParam(_Strict):
-    """A float knob in ``[low, high]``; ``step`` makes it discrete, ``log`` samples log-uniformly."""
+    """A float knob in ``[low, high]``; ``step`` makes it discrete, ``log`` log-uniform."""
 
     type: Literal["float"]
     low: float
@@ -50,7 +51,7 @@ class FloatParam(_Strict):
     log: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "FloatParam":
+    def _check(self) -> FloatParam:
         _check_range(self.low, self.high, self.step, self.log)
         if self.step is not None and self.log:
             raise ValueError("step and log cannot be combined")
@@ -65,13 +66,13 @@ class CategoricalParam(_Strict):
     """A knob chosen among ``choices`` (str, int, float or bool values)."""
 
     type: Literal["categorical"]
-    choices: list[Union[bool, int, float, str]] = Field(min_length=1)
+    choices: list[bool | int | float | str] = Field(min_length=1)
 
     def contains(self, v: Any) -> bool:
         return v in self.choices
 
 
-SpaceParam = Annotated[Union[IntParam, FloatParam, CategoricalParam], Field(discriminator="type")]
+SpaceParam = Annotated[IntParam | FloatParam | CategoricalParam, Field(discriminator="type")]
 
 
 def _check_range(low: float, high: float, step: float | None, log: bool) -> None:
@@ -123,7 +124,7 @@ class MethodSpec(_Strict):
     presets: dict[str, Preset] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "MethodSpec":
+    def _check(self) -> MethodSpec:
         if self.default_backbone not in self.backbones:
             raise ValueError(f"default_backbone {self.default_backbone!r} is not in backbones")
         for name, bb in self.backbones.items():
@@ -156,7 +157,8 @@ def conf_dirs() -> list[Path]:
 
 def _one_line(e: ValidationError, where: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-after",)))
+    tags = ("function-after", "int", "float", "categorical")
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(tags))
     msg = err["msg"].removeprefix("Value error, ")
     return f"{where}: {loc + ': ' if loc else ''}{msg}"
 
@@ -185,7 +187,7 @@ def resolve(
     overrides: Mapping[str, Any] | None = None,
     preset: Preset | None = None,
 ) -> ResolvedMethod:
-    """Narrow ``spec`` to one backbone/data set and apply preset settings and ``--set`` overrides."""
+    """Narrow ``spec`` to one backbone/data set; apply preset settings and ``--set`` overrides."""
     name = backbone or spec.default_backbone
     if name not in spec.backbones:
         raise OvssError(f"unknown backbone {name!r} for method {spec.method}: choose one of "

@@ -11,9 +11,10 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from methods.base import OvssError
 
@@ -99,8 +100,8 @@ def plan_search(args: argparse.Namespace) -> Plan:
     from search import config as cfg
     from search.cache import file_hash
     from search.data import open_dataset
-    from search.trial import ImageItem
     from search.tracking import default_tracking_uri
+    from search.trial import ImageItem
 
     spec = cfg.load_method_spec(args.method)
     preset = None
@@ -122,9 +123,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
 
     root = args.data_root
     if root is None and preset is not None:
+        from search.data import dataset_layout
         from search.data.synthetic import make_dataset
 
-        layout = _smoke_layout(dataset)
+        layout = dataset_layout(dataset)
         root = str(make_dataset(layout, Path(".ovss") / "smoke" / dataset, n=8, seed=0))
     if root is None:
         raise OvssError(f"no data root: give --data-root for data set {dataset!r}")
@@ -167,12 +169,6 @@ def plan_search(args: argparse.Namespace) -> Plan:
                 num_samples=num_samples, tracking_uri=tracking_uri,
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
                 storage=Path(args.storage or work / "ray_results").resolve(), name=name)
-
-
-def _smoke_layout(dataset: str) -> str:
-    from search.data import dataset_layout
-
-    return dataset_layout(dataset)
 
 
 def _rungs(n: int, k: int) -> list[int]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -81,9 +82,10 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    from mlflow.entities import Metric
     import math
     import time
+
+    from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     items = [Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()

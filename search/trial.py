@@ -8,8 +8,9 @@ the worker builds the segmenter, the cache, the data set and the scorer once per
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -129,12 +130,7 @@ def make_scorer(ctx: SearchContext, name: str | None = None):
         ignore = int(ctx.dataset.get("ignore_index", 255))
         names = list(classes.names)
 
-        def new():
-            acc = MiouAccumulator(len(names), ignore)
-            acc.class_names = names
-            return acc
-
-        return new
+        return lambda: MiouAccumulator(len(names), ignore, class_names=names)
     if name == "clip":
         from rewards.clip_contrastive import ClipContrastiveReward
 

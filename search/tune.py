@@ -86,6 +86,15 @@ def tune_search(plan, ctx, callback):
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     path = plan.storage / plan.name
+    # Tune keeps a single pending trial for a searcher by default, which on short trials leaves
+    # all but one worker idle; allow as many pending trials as can run at once.
+    import os
+
+    import ray
+
+    slots = int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_trial, 1e-6))
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG",
+                          str(max(1, min(slots, args.max_concurrent or slots))))
     if args.resume:
         if not tune.Tuner.can_restore(str(path)):
             raise OvssError(f"--resume: no interrupted search named {plan.name!r} under "
@@ -96,17 +105,19 @@ def tune_search(plan, ctx, callback):
         # (Tune then restores its checkpointed state: trial -> child run).
         tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
-        sampler = optuna.samplers.TPESampler(seed=args.seed,
-                                             n_startup_trials=max(2, min(10, plan.num_samples // 4)))
-        searcher = OptunaSearch(space=optuna_space(r.space), sampler=sampler,
+        startup = max(2, min(10, plan.num_samples // 4))
+        sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=startup)
+        searcher = OptunaSearch(space=optuna_space(r.space), sampler=sampler, metric="score",
+                                mode="max",
                                 points_to_evaluate=[trial0(r.defaults, r.space)])
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(plan.rungs),
-                                   grace_period=1, reduction_factor=2)
+                                   grace_period=1, reduction_factor=2, metric="score",
+                                   mode="max")
                      if len(plan.rungs) > 1 else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="score",
-                                        mode="max", num_samples=plan.num_samples,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=plan.num_samples, reuse_actors=True,
                                         max_concurrent_trials=args.max_concurrent or None),
             run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
                                       callbacks=[callback], verbose=0))
@@ -160,7 +171,8 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback) -> 
     }
     tracking.log_metrics(client, parent_id, {"best_score": best["score"],
                                              "trials": len(rows)}, 0)
-    tracking.log_params(client, parent_id, {f"best.{k}": v for k, v in best["params"].items()})
+    for k, v in best["params"].items():  # tags, not params: a resumed search may change them
+        client.set_tag(parent_id, f"best.{k}", str(v))
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         (d / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -245,7 +257,6 @@ def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0) -> list[Pat
 
 def _fidelity(client, parent_id: str, rows, out: Path) -> None:
     from rewards.fidelity import fidelity_report
-
     from search import tracking
 
     top = max(r["images"] for r in rows)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.run import main as run_main
 from methods.infer import main as infer_main
+from search.run import main as run_main
 
 
 def _no_running_runs(workdir):
@@ -29,9 +29,9 @@ def _no_running_runs(workdir):
 
 def _err(capsys):
     err = capsys.readouterr().err.strip().splitlines()
-    lines = [l for l in err if l.startswith("error: ")]
+    lines = [line for line in err if line.startswith("error: ")]
     assert len(lines) == 1, err
-    assert not any("Traceback" in l for l in err)
+    assert not any("Traceback" in line for line in err)
     return lines[0]
 
 
@@ -66,7 +66,7 @@ def test_unknown_backbone(workdir, voc_root, capsys):
 
 def test_space_low_above_high(workdir, voc_root, capsys):
     assert run_main(_toy(voc_root, "--set", "space.temp.low=5")) == 2
-    assert "low 5 is above high 1.0" in _err(capsys)
+    assert "low 5.0 is above high 1.0" in _err(capsys)
 
 
 def test_unknown_set_key(workdir, voc_root, capsys):

@@ -9,8 +9,9 @@ decode: softmax with temperature ``temp``, background where the top probability 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,0 +1,90 @@
+"""Image-level labels: the only annotation a label-free (``--reward clip``) search reads.
+
+The file is JSON ``{image_id: [class name, ...]}`` (default ``DATA_ROOT/image_labels.json``).
+A name matches a class by its name or its readable name (``prompts[i][0]``), ignoring case,
+spaces, ``-`` and ``_`` ("tv monitor" = "tvmonitor"); an integer is taken as the label value.
+"background" is accepted and dropped, like the ignore value in dense mode.
+
+Derive the file from dense label maps (a user tool)::
+
+    python -m search.data.make_image_labels --dataset voc21 --data-root /data/VOC2012 [--out FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from methods.base import ClassSet, OvssError
+
+if TYPE_CHECKING:
+    from search.data.dataset import SegDataset
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name.strip().lower())
+
+
+def _name_index(classes: ClassSet) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for i, prompts in reversed(list(enumerate(classes.prompts))):
+        index[_key(prompts[0])] = i
+    for i, name in reversed(list(enumerate(classes.names))):  # names win over readable names
+        index[_key(name)] = i
+    return index
+
+
+def read_image_labels(path: str | os.PathLike, classes: ClassSet) -> dict[str, list[int]]:
+    """``{image_id: sorted label values}`` from a JSON list file; OvssError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise OvssError(f"image-label file {path} not found (write it with "
+                        "python -m search.data.make_image_labels, or pass --image-labels FILE)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OvssError(f"cannot read image-label file {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise OvssError(f"image-label file {path}: expected a JSON object "
+                        "{image_id: [class names]}")
+    index = _name_index(classes)
+    n = len(classes.names)
+    out: dict[str, list[int]] = {}
+    for image_id, names in raw.items():
+        if not isinstance(names, list):
+            raise OvssError(f"image-label file {path}: image {image_id!r} needs a list of "
+                            "class names")
+        values = set()
+        for name in names:
+            if isinstance(name, int) and not isinstance(name, bool) and 0 <= name < n:
+                v = name
+            elif isinstance(name, str) and _key(name) in index:
+                v = index[_key(name)]
+            elif isinstance(name, str) and _key(name) == "background":
+                continue
+            else:
+                raise OvssError(f"image-label file {path}: image {image_id!r} names unknown "
+                                f"class {name!r}")
+            if not (classes.background and v == 0):
+                values.add(v)
+        out[str(image_id)] = sorted(values)
+    return out
+
+
+def write_image_labels(dataset: SegDataset, path: str | os.PathLike | None = None) -> Path:
+    """Write ``{image_id: [class names]}`` derived from the dense label maps of ``dataset``.
+
+    Default path: ``<data root>/image_labels.json``. Returns the path written.
+    """
+    out = Path(path) if path is not None else dataset.root / "image_labels.json"
+    names = dataset.classes.names
+    data = {image_id: [names[v] for v in dataset.image_labels(i)]
+            for i, image_id in enumerate(dataset.ids())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
