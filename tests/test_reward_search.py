@@ -1,0 +1,63 @@
+"""`--reward clip`: a search that never reads a dense label, and the fidelity report."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.run import main as run_main
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(workdir):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("toy/tiny/voc21")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parent = [r for r in runs if r.data.tags.get("ovss_role") == "search"]
+    trials = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
+    return parent, trials
+
+
+def test_clip_reward_search_reads_no_dense_label(ray_session, workdir, voc_root):
+    root = workdir / "voc"
+    shutil.copytree(voc_root, root)
+    shutil.rmtree(root / "SegmentationClass")       # no dense label exists to be read
+    assert (root / "image_labels.json").is_file()
+    assert run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(root),
+                     "--reward", "clip", "--reward-backbone", "tiny", "--num-samples", "8",
+                     "--rungs", "2"]) == 0
+    parent, trials = _runs(workdir)
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.tags["ovss_reward"] == "clip"
+    assert len(trials) == 8
+    assert all("clip_score" in t.data.metrics and "miou" not in t.data.metrics for t in trials)
+    assert all(0.0 <= t.data.metrics["clip_score"] <= 1.0 for t in trials)
+
+
+def test_dense_labels_are_refused_in_image_label_mode(voc_root):
+    from search.data import DenseLabelsForbidden, open_dataset
+
+    data = open_dataset("voc21", voc_root, labels="image")
+    assert data.image_labels(0)
+    with pytest.raises(DenseLabelsForbidden):
+        data.label(0)
+
+
+def test_fidelity_report_on_parent_run(ray_session, workdir, voc_root):
+    assert run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
+                     "--reward", "clip", "--reward-backbone", "tiny", "--fidelity",
+                     "--num-samples", "8", "--rungs", "1"]) == 0
+    parent, trials = _runs(workdir)
+    m = parent[0].data.metrics
+    for key in ["fidelity_spearman", "fidelity_kendall", "fidelity_regret_miou"]:
+        assert key in m
+    mious = [t.data.metrics["fidelity_miou"] for t in trials]
+    assert m["fidelity_regret_miou"] >= 0 and m["fidelity_regret_miou"] <= max(mious)
+    assert math.isclose(m["fidelity_best_miou"], max(mious), rel_tol=1e-6)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    plots = {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
+    assert "plots/fidelity_scatter.png" in plots
