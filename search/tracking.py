@@ -112,6 +112,7 @@ class MlflowTrialCallback(tune.Callback):
         self.runs: dict[str, str] = {}      # trial_id -> run_id
         self.numbers: dict[str, int] = {}   # trial_id -> 0-based trial number
         self.last: dict[str, dict] = {}     # trial_id -> last result
+        self.ended: set[str] = set()        # trial_ids that completed or failed
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
@@ -122,12 +123,18 @@ class MlflowTrialCallback(tune.Callback):
     # Tune checkpoints callback state with the experiment, so --resume keeps logging each
     # trial into its own child run.
     def get_state(self) -> dict:
-        return {"runs": self.runs, "numbers": self.numbers, "last": self.last}
+        return {"runs": self.runs, "numbers": self.numbers, "last": self.last,
+                "ended": sorted(self.ended)}
 
     def set_state(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
         self.numbers.update(state.get("numbers", {}))
         self.last.update(state.get("last", {}))
+        self.ended.update(state.get("ended", []))
+
+    def unfinished(self) -> list[str]:
+        """Trials that started but neither completed nor failed (the search was interrupted)."""
+        return [t for t in self.runs if t not in self.ended]
 
     @property
     def client(self) -> MlflowClient:
@@ -172,6 +179,7 @@ class MlflowTrialCallback(tune.Callback):
             self.client.set_tag(run_id, "ovss_pruned", f"stopped by ASHA after rung "
                                 f"{int(last.get('rung', 0))}")
         self.client.set_terminated(run_id, status="FINISHED")
+        self.ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -179,6 +187,7 @@ class MlflowTrialCallback(tune.Callback):
         if err:
             self.client.set_tag(run_id, "ovss_error_file", str(err))
         self.client.set_terminated(run_id, status="FAILED")
+        self.ended.add(trial.trial_id)
 
     def close_open_runs(self, status: str = "KILLED") -> None:
         """End every child run still RUNNING (Ctrl-C, driver error)."""

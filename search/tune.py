@@ -122,6 +122,10 @@ def tune_search(plan, ctx, callback):
             run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
                                       callbacks=[callback], verbose=0))
     results = tuner.fit()
+    # Tune turns Ctrl-C into a graceful stop and returns; tell it apart from a finished search
+    # so the runs end KILLED (not FINISHED) and the user is told to --resume.
+    if callback.unfinished() or len(callback.runs) < plan.num_samples:
+        raise KeyboardInterrupt
     ok = [res for res in results if res.error is None and res.metrics]
     if not ok:
         errors = [res.error for res in results if res.error is not None]

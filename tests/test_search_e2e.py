@@ -148,3 +148,50 @@ def test_resume_reruns_failed_trials_into_the_same_runs(ray_session, workdir, vo
     parents = client.search_runs([exp.experiment_id], "tags.ovss_role = 'search'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags.get("ovss_resumed") == "true"
+
+
+def _read_so_far(proc) -> str:
+    """Non-blocking read of what the child wrote to stderr (its tables exist once it prints)."""
+    import os
+    import select
+
+    chunks = []
+    while select.select([proc.stderr], [], [], 0)[0]:
+        data = os.read(proc.stderr.fileno(), 65536).decode(errors="replace")
+        if not data:
+            break
+        chunks.append(data)
+    proc.seen = getattr(proc, "seen", "") + "".join(chunks)
+    return proc.seen
+
+
+def test_ctrl_c_leaves_no_run_running(workdir, voc_root):
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.run", "--method", "toy", "--dataset", "voc21",
+         "--data-root", str(voc_root), "--num-samples", "500", "--rungs", "1"],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ})
+    db = workdir / "mlflow.db"
+    deadline = time.time() + 120
+    client = None
+    while time.time() < deadline:   # wait until trials are being logged
+        time.sleep(2)
+        if db.exists() and "extract" in _read_so_far(proc):
+            client = client or MlflowClient(f"sqlite:///{db}")
+            exps = [e.experiment_id for e in client.search_experiments()]
+            if exps and len(client.search_runs(exps, "tags.ovss_role = 'trial'")) >= 2:
+                break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    err = proc.seen + err
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, max_results=1000)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parent = [r for r in runs if r.data.tags.get("ovss_role") == "search"]
+    assert [p.info.status for p in parent] == ["KILLED"]
