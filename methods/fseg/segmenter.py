@@ -1,0 +1,203 @@
+"""``FSegSegmenter``: extract once per image (LLaVA + SAM encoder), decode per trial.
+
+Evidence of one image (N grid tokens, L LLM blocks, H heads, Y yes-classes, S sub-tokens of
+their names in all, Dv visual width; ``evidence_dtype`` float16 by default):
+
+=================  ===========================  ============================================
+``fv``             N x Dv, dtype                F_v on the grid (VGM prototypes)
+``sam_embedding``  1 x C x h x w, dtype         SAM image-encoder output
+``cos``            S x (L+1) x N, float32       cos(F^l(v_i), F^l(t)) per hidden state l
+``attn``           Y x L x H x N, dtype         S1 -> image attention, mean over S1 queries
+``entropy``        V x Y x L x H, float32       spatial entropy of every map, per variant
+=================  ===========================  ============================================
+
+meta: image size, grid, view box, SAM input size, yes label values, sub-tokens per yes-class,
+whether each has an S1, the answers, S0 fallbacks. For LLaVA-1.5-7B with 3 yes-classes this is
+about 3.7 MB. Decode runs no LLaVA and no SAM image encoder: only SAM's prompt encoder and mask
+decoder on the cached embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
+from methods.fseg import formulas as fm
+from methods.fseg.backbone import load_llava
+from methods.fseg.llava_pass import ClassEvidence, PrefixRunner, encode_image
+from methods.fseg.pipeline import (
+    Geometry,
+    attention_mask,
+    check_params,
+    fused_response,
+    label_map,
+    torch_threads,
+)
+from methods.fseg.qap import answer_tokens, canonical_answer, is_yes
+from methods.fseg.sam import image_embedding, load_sam, predict_from_embedding
+
+SETTINGS: dict[str, Any] = {
+    "seed": 0, "qa": "auto", "max_new_tokens": 96, "pad_to_square": True, "grid": "base",
+    "vgm_features": "vision", "evidence_dtype": "float16", "dtype": "auto", "decode_threads": 1,
+}
+SETTING_CHOICES: dict[str, tuple[Any, ...]] = {
+    "qa": ("auto", "model", "present"), "grid": ("base", "highres"),
+    "vgm_features": ("vision", "projector"), "evidence_dtype": ("float16", "float32"),
+    "pad_to_square": (True, False),
+}
+#: Settings that change extract's output (seed too, for tiny random weights).
+EXTRACT_SETTINGS = ("qa", "max_new_tokens", "pad_to_square", "grid", "vgm_features",
+                    "evidence_dtype", "dtype")
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+BACKBONE_KEYS = ("name", "arch", "model", "path", "template", "tiny", "sam", "sam_checkpoint",
+                 "sam_random")
+VERSION = 1
+
+
+class FSegSegmenter(Segmenter):
+    """FSeg-LLaVA (Zhang et al., CVPR 2026): LLaVA QAP + TVR + VGM, then SAM prompts."""
+
+    method = "fseg"
+
+    def __init__(self, llava: Any, sam: torch.nn.Module, backbone: Mapping[str, Any],
+                 settings: Mapping[str, Any], device: str = "cpu"):
+        from segment_anything import SamPredictor
+
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise OvssError(f"fseg: unknown setting(s) {sorted(unknown)}; "
+                            f"known: {sorted(SETTINGS)}")
+        self.settings = {**SETTINGS, **settings}
+        for k, choices in SETTING_CHOICES.items():
+            if self.settings[k] not in choices:
+                raise OvssError(f"fseg: settings.{k} must be one of {list(choices)}, "
+                                f"got {self.settings[k]!r}")
+        self.llava, self.sam, self.device = llava, sam, device
+        self.predictor = SamPredictor(sam)
+        self.backbone = {k: backbone[k] for k in BACKBONE_KEYS if k in backbone}
+
+    @classmethod
+    def from_spec(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
+                  device: str = "cpu") -> FSegSegmenter:
+        seed = int(settings.get("seed", 0))
+        sam = load_sam(backbone, seed, device)         # cheap checks first: a missing file
+        llava = load_llava(backbone, seed, str(settings.get("dtype", "auto")), device)
+        return cls(llava, sam, backbone, settings, device)
+
+    def settings_key(self) -> dict[str, Any]:
+        key = {k: self.settings[k] for k in EXTRACT_SETTINGS}
+        if "tiny" in self.backbone or self.backbone.get("sam") == "tiny":
+            key["seed"] = self.settings["seed"]
+        return {"method": self.method, "version": VERSION, "backbone": self.backbone, **key}
+
+    # --- extract -------------------------------------------------------------------------------
+    def qa_mode(self, present: Sequence[int] | None) -> str:
+        mode = self.settings["qa"]
+        if mode == "auto":
+            return "model" if present is None else "present"
+        if mode == "present" and present is None:
+            raise OvssError("fseg: settings.qa=present needs the image-level labels (present)")
+        return mode
+
+    def ask(self, runner: PrefixRunner, c_name: str, label: int, mode: str,
+            present: set[int]) -> ClassEvidence:
+        """QAP for one class, and the TVR maps when the answer is yes."""
+        if mode == "model":
+            text = runner.generate(c_name, int(self.settings["max_new_tokens"]))
+            yes = is_yes(text)
+        else:
+            yes = label in present
+            text = canonical_answer(c_name) if yes else "No."
+        if not yes:
+            return ClassEvidence(text, False)
+        ans = answer_tokens(self.llava.tokenizer, text, c_name)
+        cos, attn = runner.analyse(c_name, ans)
+        return ClassEvidence(text, True, cos, attn, bool(ans.s1_tokens), ans.fallback)
+
+    @torch.no_grad()
+    def extract(self, image: np.ndarray, classes: ClassSet,
+                present: Sequence[int] | None = None) -> Evidence:
+        """LLaVA vision once, the shared prefix once, QAP (+ TVR maps) per class, SAM encoder
+        once. ``present``: image-level labels, the yes-set under ``qa: present`` / ``auto``."""
+        image = check_image(image)
+        mode = self.qa_mode(present)
+        s = self.settings
+        tokens = encode_image(self.llava, image, bool(s["pad_to_square"]), s["grid"],
+                              s["vgm_features"], self.device)
+        runner = PrefixRunner(self.llava, tokens, self.device)
+        wanted = {int(p) for p in (present or ())}
+        per_class = {c: self.ask(runner, classes.prompts[c][0], c, mode, wanted)
+                     for c in classes.foreground}
+        del runner
+        yes = [c for c in classes.foreground if per_class[c].yes]
+        dtype = DTYPES[s["evidence_dtype"]]
+        emb, input_size = image_embedding(self.predictor, image)
+        self.predictor.reset_image()
+        n, layers = tokens.positions.numel(), self.num_layers
+        heads = self.num_heads
+        if yes:
+            cos = torch.cat([per_class[c].cos.transpose(0, 1) for c in yes]).contiguous()
+            attn = torch.stack([per_class[c].attn for c in yes])
+        else:
+            cos, attn = torch.zeros(0, layers + 1, n), torch.zeros(0, layers, heads, n)
+        entropy = fm.spatial_entropies(attn, tokens.grid)
+        tensors = {"fv": tokens.fv.to(dtype).contiguous(),
+                   "sam_embedding": emb.cpu().to(dtype).contiguous(),
+                   "cos": cos.float(), "attn": attn.to(dtype).contiguous(),
+                   "entropy": entropy.contiguous()}
+        meta = {"background": classes.background, "num_classes": len(classes.names),
+                "image_size": list(image.shape[:2]), "grid": list(tokens.grid),
+                "view": list(tokens.view), "sam_input_size": input_size, "yes": yes,
+                "n_sub": [per_class[c].cos.shape[1] for c in yes],
+                "has_s1": [per_class[c].has_s1 for c in yes], "layers": layers,
+                "answers": {str(c): per_class[c].answer for c in classes.foreground},
+                "s0_fallbacks": sum(per_class[c].fallback for c in yes), "qa": mode}
+        return Evidence(tensors, meta)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.llava.model.config.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.llava.model.config.text_config.num_attention_heads)
+
+    # --- decode --------------------------------------------------------------------------------
+    def decode(self, evidence: Evidence, params: Mapping[str, Any]) -> np.ndarray:
+        """HxW int64 label map from the cached maps (see pipeline.py for the steps), with
+        ``settings.decode_threads`` torch threads."""
+        with torch.no_grad(), torch_threads(int(self.settings["decode_threads"])):
+            return self._decode(evidence, params)
+
+    def _decode(self, evidence: Evidence, params: Mapping[str, Any]) -> np.ndarray:
+        meta, t = evidence.meta, evidence.tensors
+        hs_idx, attn_idx = check_params(params, int(meta["layers"]))
+        h, w = meta["image_size"]
+        yes = [int(c) for c in meta["yes"]]
+        if not yes:  # nothing answered yes: all background (label 0 without one)
+            return np.zeros((h, w), dtype=np.int64)
+        grid = tuple(meta["grid"])
+        variant = fm.ENTROPY_VARIANTS.index(params["entropy"])
+        cos = t["cos"][:, hs_idx]                                    # S x n_layers x N
+        d_tilde, masks, off = [], [], 0
+        for j, n_sub in enumerate(meta["n_sub"]):
+            dt = fm.d_tilde(cos[off:off + n_sub].transpose(0, 1))    # n_sub x N
+            d_tilde.append(fm.pool_subtokens(dt, params["pool"]))
+            off += n_sub
+            masks.append(attention_mask(t["attn"][j], t["entropy"][variant, j], attn_idx,
+                                        params, grid) if meta["has_s1"][j] else None)
+        d_tilde_maps = torch.stack(d_tilde)
+        d_f_maps = fused_response(d_tilde_maps, masks, params)
+        geo = Geometry((h, w), grid, tuple(meta["view"]))
+        emb, input_size = t["sam_embedding"], meta["sam_input_size"]
+
+        def sam(points: np.ndarray | None, box: np.ndarray | None) -> tuple[np.ndarray, float]:
+            return predict_from_embedding(self.predictor, emb, input_size, (h, w), points, box,
+                                          bool(params["multimask"]))
+
+        return label_map(d_f_maps, d_tilde_maps, t["fv"].float(), yes,
+                         bool(meta["background"]), geo, params, sam)
