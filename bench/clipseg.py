@@ -1,0 +1,147 @@
+"""Extract once, decode many vs the naive search, for `clipseg` on the real ViT-B/16.
+
+    python bench/clipseg.py                    # 8 images, 64 trials (3-4 min, 1 thread)
+    python bench/clipseg.py --images 2 --trials 8 --naive-trials 1     # quick look
+
+The model is open_clip 'ViT-B-16' (the real-size architecture, random weights: no download).
+Images are 375 x 500 (Pascal VOC's usual size), resized to short side 448: 15 windows of 224 px
+with stride 112. Classes: the 20 VOC names + background. Trial 0 is the paper's defaults, the
+other trials are sampled from conf/methods/clipseg.yaml's space with a seeded RNG.
+
+- ours:  extract each image once, then decode every trial (evidence in float16).
+- naive: a full forward per trial and image (methods/clipseg/reference.py), as the paper's code
+  runs a configuration. It is timed on the first ``--naive-trials`` trials of every image and
+  scaled to all trials (the forward's cost does not depend on the knobs); the output says so.
+Text embeddings depend only on (backbone, classes): both ways compute them once, outside the
+timings (with the 7 `simple` templates here, to keep the bench short; the 80 templates cost the
+same in both).
+Both ways run with ``--threads`` torch threads (1 by default: a search runs one trial per CPU,
+and one thread is less disturbed by other work on a shared 2-core machine); they are timed image
+by image, ours then the naive subset, so that a change of machine load hits both alike.
+The last line is ``ratio=<naive/ours> evidence_mb=<MB per image>`` (MB = 10^6 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from methods.base import ClassSet
+from methods.clipseg.reference import full_forward_labels
+from methods.clipseg.segmenter import ClipSegSegmenter
+from search.config import CategoricalParam, FloatParam, load_method_spec, resolve
+
+VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+       "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+       "train", "tvmonitor")
+
+
+def sample(param, rng: np.random.Generator):
+    """One value of a YAML space entry."""
+    if isinstance(param, CategoricalParam):
+        return param.choices[int(rng.integers(len(param.choices)))]
+    if isinstance(param, FloatParam):
+        if param.step:
+            n = round((param.high - param.low) / param.step)
+            return round(param.low + param.step * int(rng.integers(n + 1)), 10)
+        if param.log:
+            return float(math.exp(rng.uniform(math.log(param.low), math.log(param.high))))
+        return float(rng.uniform(param.low, param.high))
+    n = (param.high - param.low) // param.step
+    return int(param.low + param.step * int(rng.integers(n + 1)))
+
+
+def trials(n: int, seed: int) -> list[dict]:
+    resolved = resolve(load_method_spec("clipseg"), backbone="openai-vit-b16", dataset="voc21")
+    rng = np.random.default_rng(seed)
+    out = [dict(resolved.defaults)]
+    while len(out) < n:
+        out.append({**resolved.defaults,
+                    **{k: sample(p, rng) for k, p in resolved.space.items()}})
+    return out[:n]
+
+
+def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A random image with some structure (blurred blobs), HxWx3 uint8."""
+    small = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3)).astype(np.float32)
+    t = torch.from_numpy(small).permute(2, 0, 1)[None]
+    big = torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)
+    noise = torch.from_numpy(rng.normal(0, 12, (3, h, w)).astype(np.float32))[None]
+    return (big + noise).clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--trials", type=int, default=64)
+    ap.add_argument("--naive-trials", type=int, default=2,
+                    help="trials per image timed for the naive search (scaled to --trials)")
+    ap.add_argument("--short-side", type=int, default=448)
+    ap.add_argument("--size", default="375x500", help="image HxW before resizing")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both ways (1: as one Ray trial per CPU; 0: default)")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    h, w = (int(v) for v in args.size.split("x"))
+
+    torch.manual_seed(args.seed)
+    model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+    seg = ClipSegSegmenter(model, "ViT-B-16", {"name": "vit-b16-random"},
+                           {"short_side": args.short_side, "templates": "simple"})
+    classes = ClassSet.from_names(VOC, background=True)
+    t0 = time.perf_counter()
+    seg.text_embeddings(seg.class_names(classes)[0])
+    t_text = time.perf_counter() - t0
+    rng = np.random.default_rng(args.seed)
+    images = [smooth_image(rng, h, w) for _ in range(args.images)]
+    plan = trials(args.trials, args.seed)
+    print(f"clipseg bench: open_clip ViT-B-16 (random weights), {args.images} images {h}x{w} "
+          f"-> short side {args.short_side}, {args.trials} trials, {torch.get_num_threads()} "
+          f"threads; text embeddings once ({t_text:.1f} s, not counted in either)")
+
+    # Image by image, ours then the naive subset, so that a change of machine load hits both.
+    k = max(1, min(args.naive_trials, len(plan)))
+    t_extract = t_decode = t_naive = 0.0
+    evidence_mb, agree = [], []
+    for img in images:
+        t0 = time.perf_counter()
+        ev = seg.extract(img, classes)
+        t_extract += time.perf_counter() - t0
+        evidence_mb.append(ev.nbytes() / 1e6)
+        t0 = time.perf_counter()
+        ours_labels = [seg.decode(ev, p) for p in plan]
+        t_decode += time.perf_counter() - t0
+        for p, mine in zip(plan[:k], ours_labels):
+            t0 = time.perf_counter()
+            lab = full_forward_labels(seg, img, classes, p)
+            t_naive += time.perf_counter() - t0
+            agree.append(float((lab == mine).mean()))
+    ours = t_extract + t_decode
+    n_dec = args.images * len(plan)
+    print(f"ours:  extract {t_extract:.1f} s ({t_extract / args.images:.2f} s/image) + "
+          f"{n_dec} decodes {t_decode:.1f} s ({1000 * t_decode / n_dec:.0f} ms each) "
+          f"= {ours:.1f} s")
+    per = t_naive / (args.images * k)
+    naive = per * args.images * len(plan)
+    print(f"naive: timed {args.images * k} full forwards (first {k} trials of each image), "
+          f"{per:.2f} s each, scaled to {args.images} x {len(plan)} = {naive:.1f} s; "
+          f"label agreement with ours (float16 evidence) {100 * np.mean(agree):.2f}%")
+    mb = float(np.mean(evidence_mb))
+    print(f"evidence: {mb:.1f} MB per image (float16; max {max(evidence_mb):.1f})")
+    print(f"ratio={naive / ours:.1f} evidence_mb={mb:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""`clipseg`: CLIP CRA + DSI, training-free open-vocabulary segmentation with frozen CLIP
+(Liu et al., "Unveiling the Knowledge of CLIP for Training-Free Open-Vocabulary Semantic
+Segmentation", AAAI 2025; the paper calls it CLIPSeg, it is not the trained CLIPSeg of
+Lueddecke and Ecker).
+
+The final ViT block is reformed (Eq. 2, no FFN, no residual): ``Z = Proj(softmax(Attn) V)``
+with Attn from the keys of a middle layer M plus relation attention (CRA, Eq. 3) and V the mean
+of v_L and the values regenerated from the last blocks without self-attention (DSI, Eq. 4).
+
+Modules: ``backbone`` (open_clip loading, tiny configs, text embeddings), ``formulas`` (one
+function per equation), ``windows`` (sliding-window geometry), ``vit`` (the single ViT pass of
+extract), ``segmenter`` (extract / decode), ``reference`` (the straight full forward used as
+ground truth and as the naive baseline). Choices where the paper is silent are listed in
+docs/clipseg.md and in the module docstrings:
+
+- ``layer`` is the 1-based block index M (the paper's numbering: "layers 8-9 for CLIP-L",
+  Fig. 3 compares layer 9 with the final layer 24); ``kk_last`` uses block L.
+- One attention map shared by all heads, from the concatenated keys (the paper's notation).
+- G = DBSCAN density-connectedness, cosine distance <= epsilon, core rule ``min_pts``
+  (a decode knob, default 5 = scikit-learn's DBSCAN default; 1 = plain transitive closure).
+- DSI: FFN of block i with its own ln_2, then the final block's ln_1 and value projection;
+  V = mean of v_L and the v~_i of the blocks from ``dsi_start`` on (-1: v_L alone).
+- Classes: softmax over all names (synonyms included) of ``logit_scale * cos``, a class's
+  probability is its best name's (the family's rule); background when that is below
+  ``bg_threshold``; ``present`` is not used. No PAMR.
+"""
+
+from methods.clipseg.segmenter import ClipSegSegmenter
+
+SEGMENTER = ClipSegSegmenter
+
+__all__ = ["SEGMENTER", "ClipSegSegmenter"]

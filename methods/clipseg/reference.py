@@ -1,0 +1,115 @@
+"""The straight way: one full forward per knob setting, as the paper's code would run a trial.
+
+``full_forward_probs(seg, image, classes, params)`` walks every window through open_clip's own
+blocks (``block(x)``), builds the reformed final block for the given knobs from the recorded
+block inputs, and does the family's sliding-window upsampling one ``F.interpolate`` at a time.
+It shares no shortcut with extract/decode (no Gram packing, no pre-multiplied out_proj, no
+separable upsampling), so the tests use it as the ground truth for ``decode(extract(x), p)`` and
+``bench/clipseg.py`` times it as the naive search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from methods.base import ClassSet, check_image
+from methods.clipseg.formulas import (
+    coherence_residual_attention,
+    deep_layer_output,
+    deep_value,
+    dense_output,
+    key_gram,
+    relation_attention,
+)
+from methods.clipseg.segmenter import (
+    ClipSegSegmenter,
+    names_to_classes,
+    probs_to_labels,
+)
+from methods.clipseg.vit import embed_windows
+from methods.clipseg.windows import window_batch, window_grid
+
+
+def _keys(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    dim = x.shape[-1]
+    return F.linear(block.ln_1(x), block.attn.in_proj_weight[dim:2 * dim],
+                    block.attn.in_proj_bias[dim:2 * dim])
+
+
+@torch.no_grad()
+def window_features(seg: ClipSegSegmenter, pixels: torch.Tensor,
+                    params: Mapping[str, Any]) -> torch.Tensor:
+    """Dense features Z of the windows (B x P x E, unit norm) for one knob setting."""
+    visual = seg.visual
+    blocks = visual.transformer.resblocks
+    n = len(blocks)
+    x = embed_windows(visual, pixels)
+    inputs = []
+    for block in blocks[:-1]:
+        inputs.append(x)
+        x = block(x)
+    inputs.append(x)                                     # inputs[i]: input of block i + 1
+    final = blocks[-1]
+    variant = params["attention"]
+    if variant == "qk":
+        z = final.ln_1(x)
+        _, probs = final.attn(z, z, z, need_weights=True, average_attn_weights=True)
+        attn, is_prob = probs, True
+    else:
+        layer = n if variant == "kk_last" else int(params["layer"])
+        gram = key_gram(_keys(blocks[layer - 1], inputs[layer - 1]))
+        relation = None
+        if variant == "cra":
+            g = relation_attention(gram[:, 1:, 1:], float(params["epsilon"]),
+                                   int(params["min_pts"]))
+            relation = torch.zeros_like(gram)
+            relation[:, 1:, 1:] = g
+        attn, is_prob = coherence_residual_attention(gram, float(params["tau"]), relation), False
+    terms = [deep_value(inputs[n - 1], final)]          # v_L = w_L^v ln_1^L(x_{L-1})
+    for i in range(1, -int(params["dsi_start"])):
+        terms.append(deep_value(deep_layer_output(inputs[n - 1 - i], blocks[n - 1 - i]), final))
+    value = torch.stack(terms).mean(0)
+    z = dense_output(attn, value, out_proj=final.attn.out_proj, probabilities=is_prob)
+    return F.normalize(visual.ln_post(z[:, 1:]) @ visual.proj, dim=-1)
+
+
+@torch.no_grad()
+def full_forward_probs(seg: ClipSegSegmenter, image: np.ndarray, classes: ClassSet,
+                       params: Mapping[str, Any]) -> torch.Tensor:
+    """C_fg x H x W class probabilities by a full forward with these knobs (float32)."""
+    image = check_image(image)
+    seg.check_params(params, seg.num_layers)
+    pixels = seg.preprocess(image)
+    size = tuple(pixels.shape[1:])
+    grid = window_grid(size, int(seg.settings["window"]), int(seg.settings["stride"]),
+                       seg.patch)
+    names, owner = seg.class_names(classes)
+    text = seg.text_embeddings(names)
+    windows = window_batch(pixels, grid)
+    canvas = torch.zeros(len(names), *size)
+    count = torch.zeros(1, *size)
+    chunk = max(1, int(seg.settings["chunk"]))
+    offsets = [(y, x) for y in grid.ys for x in grid.xs]
+    for s in range(0, len(windows), chunk):
+        feats = window_features(seg, windows[s:s + chunk].to(seg.device), params).float().cpu()
+        cos = (feats @ text.T).transpose(1, 2).reshape(-1, len(names), grid.gh, grid.gw)
+        up = F.interpolate(cos, size=(grid.ph, grid.pw), mode="bilinear", align_corners=False)
+        for (y, x), win in zip(offsets[s:s + chunk], up):
+            canvas[:, y:y + grid.wh, x:x + grid.ww] += win[:, :grid.wh, :grid.ww]
+            count[:, y:y + grid.wh, x:x + grid.ww] += 1
+    logits = F.interpolate((canvas / count)[None], size=image.shape[:2], mode="bilinear",
+                           align_corners=False)[0]
+    probs = torch.softmax(float(seg.settings["logit_scale"]) * logits, 0)
+    return names_to_classes(probs, owner)
+
+
+def full_forward_labels(seg: ClipSegSegmenter, image: np.ndarray, classes: ClassSet,
+                        params: Mapping[str, Any]) -> np.ndarray:
+    """H x W int64 label map by a full forward (the naive per-trial pipeline)."""
+    probs = full_forward_probs(seg, image, classes, params)
+    return probs_to_labels(probs, classes.background, float(params["bg_threshold"]))

@@ -1,0 +1,105 @@
+"""One pass of open_clip's ViT over a batch of windows, keeping what decode needs.
+
+The walk is the family's own loop (as ClearCLIP / SCLIP / NACLIP write it), not hooks: embed
+with an interpolated positional embedding, then for every block compute ``ln_1(x)`` and the
+packed q/k/v projection once, keep the keys' Gram matrix, finish the block with the same
+operations as open_clip's ``ResidualAttentionBlock`` (tested equal), and for the final block
+keep only what the reformed block (Eq. 2) uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.clipseg.formulas import (
+    deep_layer_output,
+    deep_value,
+    key_gram,
+    original_attention,
+)
+from methods.clipseg.windows import interpolate_pos_embed
+
+
+@dataclass
+class WindowEvidence:
+    """Per-window tensors of one ViT pass over B windows of T = 1 + P tokens.
+
+    grams:  L x B x T x T float32, key_gram of every block 1..L (index M - 1 for layer M).
+    qk:     B x P x T float32, the final block's head-averaged q-k attention (patch rows).
+    values: K x B x T x D float32, [v_L, v~_{L-1}, ..., v~_{L-K+1}] already multiplied by the
+            final block's out_proj weight (no bias): Proj(A V) = A (V W_o^T) + b_o.
+    """
+
+    grams: torch.Tensor
+    qk: torch.Tensor
+    values: torch.Tensor
+
+
+def embed_windows(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """open_clip ``VisionTransformer._embeds`` with the positional embedding resized to the
+    window's patch grid. pixels: B x 3 x ph x pw (normalised). Returns B x T x D."""
+    x = visual.conv1(pixels)                                            # B x D x gh x gw
+    grid = tuple(x.shape[-2:])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1)
+    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), grid)
+    x = x + pos.to(x.dtype)
+    x = visual.patch_dropout(x)
+    return visual.ln_pre(x)
+
+
+def split_qkv(block: nn.Module, x: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (each B x T x D, heads concatenated) of a block from its input x (B x T x D)."""
+    attn = block.attn
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.chunk(3, dim=-1)
+    return q, k, v
+
+
+def finish_block(block: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+    """The rest of ``ResidualAttentionBlock.forward`` given q/k/v: multi-head attention,
+    out_proj, residual, then the FFN with its residual. Returns B x T x D."""
+    b, t, dim = x.shape
+    h = block.attn.num_heads
+
+    def heads(z: torch.Tensor) -> torch.Tensor:
+        return z.view(b, t, h, dim // h).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    o = block.attn.out_proj(o.transpose(1, 2).reshape(b, t, dim))
+    x = x + block.ls_1(o)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+@torch.no_grad()
+def window_pass(visual: nn.Module, pixels: torch.Tensor, dsi_terms: int) -> WindowEvidence:
+    """Run the ViT once over windows (B x 3 x ph x pw) and collect :class:`WindowEvidence`.
+
+    ``dsi_terms`` = K: v_L plus the regenerated values of the K - 1 blocks before the last.
+    """
+    blocks = visual.transformer.resblocks
+    n = len(blocks)
+    x = embed_windows(visual, pixels)
+    grams, inputs = [], {}
+    for i, block in enumerate(blocks):
+        q, k, v = split_qkv(block, x)
+        grams.append(key_gram(k))
+        if i == n - 1:
+            break
+        if i >= n - dsi_terms:
+            inputs[i] = x                                               # input of block i + 1
+        x = finish_block(block, x, q, k, v)
+    final = blocks[-1]
+    qk = original_attention(q, k, final.attn.num_heads)[:, 1:]
+    terms = [v] + [deep_value(deep_layer_output(inputs[i], blocks[i]), final)
+                   for i in range(n - 2, n - 1 - dsi_terms, -1)]
+    w_o = final.attn.out_proj.weight
+    values = torch.stack([t.float() @ w_o.float().T for t in terms])
+    return WindowEvidence(torch.stack(grams), qk, values)
