@@ -21,13 +21,8 @@ An empty mask cannot win (its masked image *is* the black image) and skips CLIP.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,78 +99,20 @@ def blur_and_rebinarise(masks: torch.Tensor, sigma: float, threshold: float) -> 
 
 
 # --- loading -----------------------------------------------------------------------------------
-def register_tiny_config(tiny: Mapping[str, Any]) -> str:
-    """Register a tiny open_clip architecture (the ``tiny:`` block of conf/rewards/clip.yaml) and
-    return its model name. The name hashes the config, so equal configs share one registration.
-
-    Keys: embed_dim, image_size, patch_size, width, layers, heads, text_width, text_layers,
-    text_heads, context_length, quick_gelu; ``vision`` / ``text`` dicts are merged into
-    open_clip's vision_cfg / text_cfg as they are (e.g. ``vision: {pool_type: avg}``).
-    """
-    import open_clip
-
-    t = dict(tiny)
-    width, heads = int(t.get("width", 32)), int(t.get("heads", 2))
-    cfg = {
-        "embed_dim": int(t.get("embed_dim", 32)),
-        "quick_gelu": bool(t.get("quick_gelu", False)),
-        "vision_cfg": {"image_size": int(t.get("image_size", 32)), "width": width,
-                       "layers": int(t.get("layers", 2)), "head_width": width // heads,
-                       "patch_size": int(t.get("patch_size", 8)), **dict(t.get("vision", {}))},
-        "text_cfg": {"context_length": int(t.get("context_length", 16)), "vocab_size": 49408,
-                     "width": int(t.get("text_width", 32)), "heads": int(t.get("text_heads", 2)),
-                     "layers": int(t.get("text_layers", 2)), **dict(t.get("text", {}))},
-    }
-    text = json.dumps(cfg, sort_keys=True)
-    name = "ovss-tiny-" + hashlib.sha1(text.encode()).hexdigest()[:10]
-    if name not in open_clip.list_models():
-        folder = Path(tempfile.gettempdir()) / "ovss_open_clip_configs"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.json"
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, path)  # atomic: other processes never read half a file
-        open_clip.add_model_config(path)
-    return name
-
-
 def load_clip(backbone: Mapping[str, Any], seed: int = 0,
               device: str = "cpu") -> tuple[torch.nn.Module, Callable, str]:
     """An open_clip model (eval mode, on ``device``), its tokenizer and its model name.
 
-    backbone: ``{"name", "model", "pretrained"}`` (an open_clip name and pretrained tag), a
-    ``path`` (local checkpoint file; overrides the tag), or ``{"tiny": {...}}`` (random weights
-    seeded by ``seed``). Raises OvssError naming the model and weights when they cannot load.
+    backbone: as in ``methods.open_clip_backbone.load_clip`` (an open_clip name and pretrained
+    tag, a local ``path``, or a ``tiny`` config with random weights seeded by ``seed``). Raises
+    OvssError naming the model and weights when they cannot load.
     """
     import open_clip
 
-    label = backbone.get("name", "?")
-    if "tiny" in backbone:
-        model_name = register_tiny_config(backbone["tiny"] or {})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            model = open_clip.create_model(model_name, pretrained=None)
-    else:
-        model_name = backbone.get("model")
-        if not model_name:
-            raise OvssError(f"clip reward backbone {label!r}: no `model` (an open_clip name)")
-        if model_name not in open_clip.list_models():
-            raise OvssError(f"clip reward backbone {label!r}: unknown open_clip model "
-                            f"{model_name!r}")
-        path = backbone.get("path")
-        if path and not Path(path).is_file():
-            raise OvssError(f"clip reward backbone {label!r}: checkpoint {path} not found")
-        weights = path or backbone.get("pretrained")
-        if not weights:
-            raise OvssError(f"clip reward backbone {label!r}: give `pretrained` (a tag) or `path`")
-        try:
-            model = open_clip.create_model(model_name, pretrained=weights,
-                                           require_pretrained=True)
-        except (RuntimeError, OSError, ValueError, KeyError) as e:  # no download, bad file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise OvssError(f"clip reward backbone {label!r}: cannot load {model_name} weights "
-                            f"{weights!r} ({first})") from None
-    return model.to(device).eval(), open_clip.get_tokenizer(model_name), model_name
+    from methods.open_clip_backbone import load_clip as _load
+
+    model, name = _load(backbone, seed, device, what="clip reward")
+    return model, open_clip.get_tokenizer(name), name
 
 
 _SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -320,7 +320,7 @@ def test_blur_and_rebinarise_matches_scipy():
 @pytest.mark.parametrize("backbone, settings, match", [
     ({"name": "x", "model": "ViT-B-16", "path": "/nonexistent/ckpt.pt"}, {}, "not found"),
     ({"name": "x", "model": "ViT-Nope", "pretrained": "openai"}, {}, "unknown open_clip model"),
-    ({"name": "x", "model": "ViT-B-16"}, {}, "give `pretrained`"),
+    ({"name": "x", "model": "ViT-B-16"}, {}, "give 'pretrained'"),
     (TINY, {"candidates": "all"}, "settings.candidates"),
     (TINY, {"temprature": 0.1}, "unknown setting 'temprature'"),
     (TINY, {"templates": "a photo of {}"}, "settings.templates"),

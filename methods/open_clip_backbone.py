@@ -1,0 +1,123 @@
+"""open_clip models as users load them, shared by ``methods.clipseg`` and the CLIP reward.
+
+A backbone entry (a method's or ``conf/rewards/clip.yaml``'s) is one of:
+
+- ``{model: ViT-B-16-quickgelu, pretrained: openai}``: open_clip model name + pretrained tag;
+- the same plus ``path: /models/clip.safetensors``: a local checkpoint overrides the tag (read
+  with ``weights_only=True``);
+- ``{tiny: {width: 64, layers: 4, ...}}``: a tiny config registered with open_clip, so the model
+  is the real ``open_clip.CLIP`` class with random weights seeded by ``seed`` (tests, smoke).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from methods.base import OvssError
+
+#: Fields of a ``tiny:`` block and their defaults: a 4-block ViT on 32 px inputs, patch 8.
+TINY_DEFAULTS: dict[str, int] = {
+    "embed_dim": 32, "image_size": 32, "patch_size": 8, "width": 64, "layers": 4, "heads": 2,
+    "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 77,
+}
+#: Non-integer fields: ``quick_gelu`` (bool) and ``vision`` / ``text`` dicts merged as they are
+#: into open_clip's vision_cfg / text_cfg (e.g. ``vision: {pool_type: avg}``).
+TINY_EXTRAS = ("quick_gelu", "vision", "text")
+
+
+_TINY_DIR: Path | None = None
+
+
+def tiny_model_name(tiny: Mapping[str, Any]) -> str:
+    """Register a tiny CLIP config with open_clip and return its model name.
+
+    ``tiny`` overrides :data:`TINY_DEFAULTS`. The JSON has the same schema as open_clip's own
+    ``model_configs/*.json`` (vision ``head_width`` = width / heads).
+    """
+    global _TINY_DIR
+    unknown = set(tiny) - set(TINY_DEFAULTS) - set(TINY_EXTRAS)
+    if unknown:
+        raise OvssError(f"tiny backbone: unknown field(s) {sorted(unknown)}; "
+                        f"known: {sorted(TINY_DEFAULTS)}")
+    c = {**TINY_DEFAULTS, **{k: int(v) for k, v in tiny.items() if k not in TINY_EXTRAS}}
+    if c["width"] % c["heads"] or c["image_size"] % c["patch_size"]:
+        raise OvssError(f"tiny backbone: width must divide by heads and image_size by "
+                        f"patch_size, got {c}")
+    extras = {k: tiny[k] for k in TINY_EXTRAS if k in tiny}
+    name = "ovss-tiny-" + "-".join(f"{k}{c[k]}" for k in sorted(c))
+    if extras:
+        import hashlib
+
+        name += "-" + hashlib.sha1(json.dumps(extras, sort_keys=True).encode()).hexdigest()[:8]
+    if name not in open_clip.list_models():
+        cfg = {
+            "embed_dim": c["embed_dim"],
+            "quick_gelu": bool(extras.get("quick_gelu", False)),
+            "vision_cfg": {"image_size": c["image_size"], "layers": c["layers"],
+                           "width": c["width"], "patch_size": c["patch_size"],
+                           "head_width": c["width"] // c["heads"],
+                           **dict(extras.get("vision", {}))},
+            "text_cfg": {"context_length": c["context_length"], "vocab_size": 49408,
+                         "width": c["text_width"], "heads": c["text_heads"],
+                         "layers": c["text_layers"], **dict(extras.get("text", {}))},
+        }
+        if _TINY_DIR is None:
+            _TINY_DIR = Path(tempfile.mkdtemp(prefix="ovss-openclip-"))
+        path = _TINY_DIR / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)
+    return name
+
+
+def load_clip(backbone: Mapping[str, Any], seed: int, device: str,
+              what: str = "clipseg") -> tuple[torch.nn.Module, str]:
+    """Build the open_clip model of a backbone entry; returns ``(model in eval mode, name)``.
+
+    Raises OvssError naming the model / tag / path when it cannot be built or loaded.
+    """
+    label = backbone.get("name", "?")
+    if backbone.get("tiny") is not None:
+        name = tiny_model_name(dict(backbone["tiny"] or {}))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = open_clip.create_model(name, pretrained=None, device=device)
+        return model.eval(), name
+    name = backbone.get("model")
+    if not name:
+        raise OvssError(f"{what} backbone {label!r} has no 'model' (an open_clip model name)")
+    if name not in open_clip.list_models():
+        raise OvssError(f"{what} backbone {label!r}: unknown open_clip model {name!r}")
+    path = backbone.get("path")
+    if path:
+        p = Path(str(path)).expanduser()
+        if not p.is_file():
+            raise OvssError(f"{what} backbone {label!r}: checkpoint {p} not found")
+        model = open_clip.create_model(name, pretrained=None, device=device)
+        try:
+            open_clip.load_checkpoint(model, str(p), weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any loader failure is the user's file
+            raise OvssError(f"{what} backbone {label!r}: cannot load checkpoint {p} into "
+                            f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                            ) from None
+        return model.eval(), name
+    tag = backbone.get("pretrained")
+    if not tag:
+        raise OvssError(f"{what} backbone {label!r}: give 'pretrained' (open_clip tag) or 'path'")
+    if tag not in open_clip.list_pretrained_tags_by_model(name):
+        raise OvssError(f"{what} backbone {label!r}: open_clip has no pretrained tag {tag!r} "
+                        f"for {name} (see open_clip.list_pretrained())")
+    try:
+        model = open_clip.create_model(name, pretrained=tag, device=device,
+                                       require_pretrained=True)
+    except Exception as e:  # noqa: BLE001 - offline, missing cache, corrupt download ...
+        raise OvssError(f"{what} backbone {label!r}: weights {name}/{tag} are not available "
+                        f"({str(e).splitlines()[0][:160]}); set backbone.path=<checkpoint>"
+                        ) from None
+    return model.eval(), name
