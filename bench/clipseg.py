@@ -24,7 +24,6 @@ The last line is ``ratio=<naive/ours> evidence_mb=<MB per image>`` (MB = 10^6 by
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,29 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import smooth_image
 from methods.base import ClassSet
 from methods.clipseg.reference import full_forward_labels
 from methods.clipseg.segmenter import ClipSegSegmenter
-from search.config import CategoricalParam, FloatParam, load_method_spec, resolve
+from search.config import load_method_spec, resolve
+from search.space import sample_value
 
 VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
        "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
        "train", "tvmonitor")
-
-
-def sample(param, rng: np.random.Generator):
-    """One value of a YAML space entry."""
-    if isinstance(param, CategoricalParam):
-        return param.choices[int(rng.integers(len(param.choices)))]
-    if isinstance(param, FloatParam):
-        if param.step:
-            n = round((param.high - param.low) / param.step)
-            return round(param.low + param.step * int(rng.integers(n + 1)), 10)
-        if param.log:
-            return float(math.exp(rng.uniform(math.log(param.low), math.log(param.high))))
-        return float(rng.uniform(param.low, param.high))
-    n = (param.high - param.low) // param.step
-    return int(param.low + param.step * int(rng.integers(n + 1)))
 
 
 def trials(n: int, seed: int) -> list[dict]:
@@ -66,17 +52,8 @@ def trials(n: int, seed: int) -> list[dict]:
     out = [dict(resolved.defaults)]
     while len(out) < n:
         out.append({**resolved.defaults,
-                    **{k: sample(p, rng) for k, p in resolved.space.items()}})
+                    **{k: sample_value(p, rng) for k, p in resolved.space.items()}})
     return out[:n]
-
-
-def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A random image with some structure (blurred blobs), HxWx3 uint8."""
-    small = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3)).astype(np.float32)
-    t = torch.from_numpy(small).permute(2, 0, 1)[None]
-    big = torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)
-    noise = torch.from_numpy(rng.normal(0, 12, (3, h, w)).astype(np.float32))[None]
-    return (big + noise).clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> int:

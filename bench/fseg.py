@@ -27,7 +27,6 @@ The last line is ``ratio=<naive/ours> evidence_mb=<MB per image>`` (MB = 10^6 by
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,25 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import smooth_image  # noqa: E402
 from methods.base import ClassSet  # noqa: E402
 from methods.fseg.reference import straight_labels  # noqa: E402
 from methods.fseg.segmenter import FSegSegmenter  # noqa: E402
-from search.config import CategoricalParam, FloatParam, load_method_spec, resolve  # noqa: E402
-
-
-def sample(param, rng: np.random.Generator):
-    """One value of a YAML space entry."""
-    if isinstance(param, CategoricalParam):
-        return param.choices[int(rng.integers(len(param.choices)))]
-    if isinstance(param, FloatParam):
-        if param.step:
-            n = int(round((param.high - param.low) / param.step))
-            return round(param.low + param.step * int(rng.integers(n + 1)), 10)
-        if param.log:
-            return float(math.exp(rng.uniform(math.log(param.low), math.log(param.high))))
-        return float(rng.uniform(param.low, param.high))
-    n = (param.high - param.low) // param.step
-    return int(param.low + param.step * int(rng.integers(n + 1)))
+from search.config import load_method_spec, resolve  # noqa: E402
+from search.space import sample_value  # noqa: E402
 
 
 def trials(n: int, seed: int, layers: int) -> list[dict]:
@@ -67,20 +53,11 @@ def trials(n: int, seed: int, layers: int) -> list[dict]:
     out = [{**r.defaults, "l_s": ls,
             "l_span": min(layers - ls, round(r.defaults["l_span"] * layers / 32))}]
     while len(out) < n:
-        p = {**r.defaults, **{k: sample(v, rng) for k, v in r.space.items()}}
+        p = {**r.defaults, **{k: sample_value(v, rng) for k, v in r.space.items()}}
         p["l_s"] = int(rng.integers(1, layers + 1))
         p["l_span"] = int(rng.integers(0, layers - p["l_s"] + 1))
         out.append(p)
     return out[:n]
-
-
-def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A random image with some structure (blurred blobs), HxWx3 uint8."""
-    small = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3)).astype(np.float32)
-    t = torch.from_numpy(small).permute(2, 0, 1)[None]
-    big = torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)
-    noise = torch.from_numpy(rng.normal(0, 12, (3, h, w)).astype(np.float32))[None]
-    return (big + noise).clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
 
 
 def params_m(module: torch.nn.Module) -> float:

@@ -36,3 +36,22 @@ def full_params(defaults: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict
 def trial0(defaults: Mapping[str, Any], space: Mapping[str, SpaceParam]) -> dict[str, Any]:
     """The paper's values for the searched knobs: the point enqueued as the first trial."""
     return {k: defaults[k] for k in space}
+
+
+def sample_value(p: SpaceParam, rng) -> Any:
+    """One uniform random value of a space entry (``rng``: numpy Generator), honouring step and
+    log: the benches draw their trials with it, without Optuna."""
+    import math
+
+    if isinstance(p, CategoricalParam):
+        return p.choices[int(rng.integers(len(p.choices)))]
+    if isinstance(p, FloatParam):
+        if p.step:
+            n = int(round((p.high - p.low) / p.step))
+            return round(p.low + p.step * int(rng.integers(n + 1)), 10)
+        if p.log:
+            return float(math.exp(rng.uniform(math.log(p.low), math.log(p.high))))
+        return float(rng.uniform(p.low, p.high))
+    if p.log:
+        return int(round(math.exp(rng.uniform(math.log(p.low), math.log(p.high)))))
+    return int(p.low + p.step * int(rng.integers((p.high - p.low) // p.step + 1)))

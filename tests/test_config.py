@@ -94,3 +94,23 @@ def test_shipped_method_specs_are_valid():
                 r = cfg.resolve(spec, b)
                 assert r.space, f"{m}/{b} searches nothing"
             assert "smoke" in spec.presets
+
+
+def test_sample_value_stays_in_space_on_its_grid():
+    import numpy as np
+
+    from search.config import CategoricalParam, FloatParam, IntParam
+    from search.space import sample_value
+
+    rng = np.random.default_rng(0)
+    stepped = FloatParam(type="float", low=0.05, high=0.45, step=0.1)
+    logf = FloatParam(type="float", low=1e-3, high=1.0, log=True)
+    ints = IntParam(type="int", low=2, high=12, step=2)
+    cat = CategoricalParam(type="categorical", choices=["a", "b"])
+    draws = {name: [sample_value(p, rng) for _ in range(300)]
+             for name, p in [("stepped", stepped), ("log", logf), ("int", ints), ("cat", cat)]}
+    assert set(draws["stepped"]) == {0.05, 0.15, 0.25, 0.35, 0.45}
+    assert all(1e-3 <= v <= 1.0 for v in draws["log"])
+    assert np.median(draws["log"]) < 0.1          # log-uniform, not uniform
+    assert set(draws["int"]) == {2, 4, 6, 8, 10, 12}
+    assert set(draws["cat"]) == {"a", "b"}
