@@ -282,6 +282,24 @@ def test_decode_of_extract_equals_straight_pipeline(tiny_segs, name):
     assert fg > 0                                                 # SAM masks were painted
 
 
+def test_sam_memo_reuses_equal_prompts_and_changes_nothing(tiny_segs):
+    seg, defaults = tiny_segs["tiny"]
+    image = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    ev = seg.extract(image, CLASSES, [1, 3])
+    seg._sam_memo.clear()
+    first = seg.decode(ev, defaults)
+    hits = seg.sam_memo_hits
+    again = seg.decode(ev, {**defaults, "merge": "order"})     # same prompts, other merge rule
+    assert seg.sam_memo_hits > hits                             # SAM was not run again
+    seg._sam_memo.clear()
+    assert np.array_equal(seg.decode(ev, {**defaults, "merge": "order"}), again)
+    assert np.array_equal(seg.decode(ev, defaults), first)
+    other = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)  # another image: its own entries
+    n = len(seg._sam_memo)
+    seg.decode(seg.extract(other, CLASSES, [1, 3]), defaults)
+    assert len(seg._sam_memo) > n
+
+
 def test_no_background_dataset_and_no_yes(tiny_segs):
     seg, defaults = tiny_segs["tiny"]
     image = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)

@@ -46,7 +46,7 @@ class ToySegmenter(Segmenter):
     def extract(self, image, classes: ClassSet, present: Sequence[int] | None = None):
         CALLS["extract"] += 1
         check_image(image)
-        img = torch.from_numpy(image).float().div(255)           # HxWx3
+        img = torch.from_numpy(np.array(image)).float().div(255)   # HxWx3 (a writable copy)
         cols = torch.from_numpy(np.stack([class_colour(p[0]) for p in classes.prompts]))
         aff = -torch.cdist(img.reshape(-1, 3), cols).reshape(*image.shape[:2], -1)
         return Evidence({"affinity": aff.permute(2, 0, 1).contiguous()},

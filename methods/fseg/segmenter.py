@@ -19,6 +19,8 @@ decoder on the cached embedding.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +45,7 @@ from methods.fseg.sam import image_embedding, load_sam, predict_from_embedding
 SETTINGS: dict[str, Any] = {
     "seed": 0, "qa": "auto", "max_new_tokens": 96, "pad_to_square": True, "grid": "base",
     "vgm_features": "vision", "evidence_dtype": "float16", "dtype": "auto", "decode_threads": 1,
+    "sam_memo": 256,
 }
 SETTING_CHOICES: dict[str, tuple[Any, ...]] = {
     "qa": ("auto", "model", "present"), "grid": ("base", "highres"),
@@ -72,6 +75,8 @@ class FSegSegmenter(Segmenter):
             raise OvssError(f"fseg: unknown setting(s) {sorted(unknown)}; "
                             f"known: {sorted(SETTINGS)}")
         self.settings = {**SETTINGS, **settings}
+        self._sam_memo: OrderedDict = OrderedDict()
+        self.sam_memo_hits = 0
         for k, choices in SETTING_CHOICES.items():
             if self.settings[k] not in choices:
                 raise OvssError(f"fseg: settings.{k} must be one of {list(choices)}, "
@@ -195,9 +200,25 @@ class FSegSegmenter(Segmenter):
         geo = Geometry((h, w), grid, tuple(meta["view"]))
         emb, input_size = t["sam_embedding"], meta["sam_input_size"]
 
+        emb_id = hashlib.blake2b(emb.contiguous().view(torch.uint8).numpy().tobytes(),
+                                 digest_size=16).hexdigest()
+
         def sam(points: np.ndarray | None, box: np.ndarray | None) -> tuple[np.ndarray, float]:
-            return predict_from_embedding(self.predictor, emb, input_size, (h, w), points, box,
-                                          bool(params["multimask"]))
+            # Trials with different knobs often end in the same prompts for a class: SAM's
+            # decoder is deterministic, so equal inputs reuse its output (bounded LRU).
+            key = (emb_id, tuple(input_size), (h, w), bool(params["multimask"]),
+                   None if points is None else np.asarray(points, np.float64).tobytes(),
+                   None if box is None else np.asarray(box, np.float64).tobytes())
+            if key in self._sam_memo:
+                self._sam_memo.move_to_end(key)
+                self.sam_memo_hits += 1
+                return self._sam_memo[key]
+            out = predict_from_embedding(self.predictor, emb, input_size, (h, w), points, box,
+                                         bool(params["multimask"]))
+            self._sam_memo[key] = out
+            while len(self._sam_memo) > int(self.settings["sam_memo"]):
+                self._sam_memo.popitem(last=False)
+            return out
 
         return label_map(d_f_maps, d_tilde_maps, t["fv"].float(), yes,
                          bool(meta["background"]), geo, params, sam)
