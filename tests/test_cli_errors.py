@@ -98,11 +98,16 @@ def test_gpu_asked_where_cluster_has_none(ray_session, workdir, voc_root, capsys
     _no_running_runs(workdir)
 
 
-def test_infer_empty_class_list(workdir, voc_root, capsys):
-    image = sorted((voc_root / "JPEGImages").iterdir())[0]
+def _toy_config(workdir):
     cfg = workdir / "c.yaml"
     cfg.write_text("method: toy\nbackbone: {name: tiny}\nsettings: {}\n"
                    "params: {temp: 0.1, thr: 0.3, mode: linear, pool: 1}\n")
+    return cfg
+
+
+def test_infer_empty_class_list(workdir, voc_root, capsys):
+    image = sorted((voc_root / "JPEGImages").iterdir())[0]
+    cfg = _toy_config(workdir)
     assert infer_main(["--config", str(cfg), "--image", str(image), "--classes", " , ",
                        "--out", str(workdir / "o.png")]) == 2
     assert "class" in _err(capsys)
@@ -112,9 +117,7 @@ def test_infer_empty_class_list(workdir, voc_root, capsys):
 def test_infer_unreadable_image(workdir, capsys):
     bad = workdir / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
-    cfg = workdir / "c.yaml"
-    cfg.write_text("method: toy\nbackbone: {name: tiny}\nsettings: {}\n"
-                   "params: {temp: 0.1, thr: 0.3, mode: linear, pool: 1}\n")
+    cfg = _toy_config(workdir)
     assert infer_main(["--config", str(cfg), "--image", str(bad), "--classes", "cat",
                        "--out", str(workdir / "o.png")]) == 2
     assert "bad.png" in _err(capsys)
