@@ -99,6 +99,16 @@ def _metric_key(k: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in k)
 
 
+def _creation_number(trial, fallback: int) -> int:
+    """The trial's place in the order the searcher created it (0 = the paper defaults).
+
+    Tune's search generator tags each trial "<counter>_<params>" with a 1-based counter that
+    survives --resume; trials can *start* in another order when several wait for resources, so
+    the start order is not the creation order."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) - 1 if head.isdigit() and int(head) > 0 else fallback
+
+
 class MlflowTrialCallback(tune.Callback):
     """Logs each Tune trial as a child run of the search's parent run (in the driver)."""
 
@@ -144,7 +154,7 @@ class MlflowTrialCallback(tune.Callback):
 
     def _run_for(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            n = len(self.numbers)
+            n = _creation_number(trial, fallback=len(self.numbers))
             self.numbers[trial.trial_id] = n
             run = self.client.create_run(
                 self.experiment_id, run_name=f"trial-{n:03d}",
