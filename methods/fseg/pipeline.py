@@ -114,7 +114,7 @@ def label_map(d_f_maps: torch.Tensor, d_tilde_maps: torch.Tensor, fv: torch.Tens
     guide = fm.guidance_map(d_f_maps, bg)
     planes = torch.cat([bg.expand(1, gh * gw), d_f_maps], 0).reshape(-1, gh, gw)
     planes_img = upsample_to_image(planes, geo.view, (h, w), "bilinear")
-    guide_img = planes_img.argmax(0)
+    guide_img = fm.argmax0(planes_img)
     masks, priority, mask_labels = [], [], []
     for j, label in enumerate(labels):
         p_pos, p_neg = fm.prototypes(fv, guide, j + 1)
@@ -145,7 +145,7 @@ def label_map(d_f_maps: torch.Tensor, d_tilde_maps: torch.Tensor, fv: torch.Tens
         fill = np.zeros((h, w), dtype=np.int64)
     else:  # no background class: uncovered pixels take the yes-class of highest D~
         dt = upsample_to_image(d_tilde_maps.reshape(-1, gh, gw), geo.view, (h, w), "bilinear")
-        fill = np.asarray(labels, dtype=np.int64)[dt.argmax(0).numpy()]
+        fill = np.asarray(labels, dtype=np.int64)[fm.argmax0(dt).numpy()]
     return merge_masks(masks, priority, mask_labels, fill)
 
 

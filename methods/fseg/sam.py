@@ -8,13 +8,19 @@ A backbone entry gives ``sam: vit_h`` and ``sam_checkpoint: /path/sam_vit_h_4b89
 random weights seeded by ``settings.seed``; otherwise a missing file is an OvssError.
 
 The image embedding is computed once per image (``SamPredictor.set_image``, the expensive ViT)
-and cached in the evidence; decode puts it back into a ``SamPredictor`` (``features``,
-``original_size``, ``input_size``, ``is_image_set``) and calls ``predict``, which runs only the
-prompt encoder and the mask decoder.
+and cached in the evidence. Decode runs only the prompt encoder and the mask decoder, through
+``EmbeddingDecoder``: segment-anything's own modules, called in the same order as
+``SamPredictor.predict``, with the image-side tensors that no prompt changes computed once per
+embedding (the dense no-mask embedding added to the image embedding, the dense positional
+encoding, and in the first two-way block the token-to-image keys / values and the
+image-to-token queries, which see the image embedding before any prompt has touched it), and
+with only the returned mask (the best of three under ``multimask``) upsampled to the image.
+Its masks and scores equal ``SamPredictor.predict``'s (tested bit for bit).
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Mapping
 from functools import partial
@@ -97,17 +103,95 @@ def image_embedding(predictor: Any, image: np.ndarray) -> tuple[torch.Tensor, li
     return predictor.features.detach(), [int(v) for v in predictor.input_size]
 
 
-def predict_from_embedding(predictor: Any, embedding: torch.Tensor, input_size: list[int],
-                           original_size: tuple[int, int], points: np.ndarray | None,
-                           box: np.ndarray | None, multimask: bool) -> tuple[np.ndarray, float]:
-    """SAM's prompt encoder + mask decoder on a cached embedding: (H x W bool mask, its
-    predicted IoU). ``points``: P x 2 (x, y) pixels, all positive; ``box``: [x0, y0, x1, y1]."""
-    device = next(predictor.model.parameters()).device
-    predictor.features = embedding.to(device=device, dtype=torch.float32)
-    predictor.input_size = tuple(input_size)
-    predictor.original_size = tuple(original_size)
-    predictor.is_image_set = True
-    return sam_predict(predictor, points, box, multimask)
+def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+            ) -> torch.Tensor:
+    """segment-anything's ``transformer.Attention.forward`` after its input projections."""
+    q = attn._separate_heads(q, attn.num_heads)
+    k = attn._separate_heads(k, attn.num_heads)
+    v = attn._separate_heads(v, attn.num_heads)
+    a = q @ k.permute(0, 1, 3, 2)
+    a = a / math.sqrt(q.shape[-1])
+    a = torch.softmax(a, dim=-1)
+    return attn.out_proj(attn._recombine_heads(a @ v))
+
+
+class EmbeddingDecoder:
+    """SAM's prompt encoder + mask decoder on one cached image embedding (see the module
+    docstring); ``__call__`` matches ``SamPredictor.predict`` with positive points / a box."""
+
+    def __init__(self, predictor: Any, embedding: torch.Tensor, input_size: list[int],
+                 original_size: tuple[int, int]):
+        sam = predictor.model
+        self.predictor, self.sam = predictor, sam
+        self.input_size, self.original_size = tuple(input_size), tuple(original_size)
+        device = next(sam.parameters()).device
+        pe = sam.prompt_encoder
+        with torch.no_grad():
+            emb = embedding.to(device=device, dtype=torch.float32)
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                1, -1, pe.image_embedding_size[0], pe.image_embedding_size[1])
+            src = torch.repeat_interleave(emb, 1, dim=0) + dense
+            self.shape = src.shape
+            self.keys = src.flatten(2).permute(0, 2, 1)
+            self.key_pe = pe.get_dense_pe().flatten(2).permute(0, 2, 1)
+            first = sam.mask_decoder.transformer.layers[0]
+            k_in = self.keys + self.key_pe
+            self.t2i_k = first.cross_attn_token_to_image.k_proj(k_in)
+            self.t2i_v = first.cross_attn_token_to_image.v_proj(self.keys)
+            self.i2t_q = first.cross_attn_image_to_token.q_proj(k_in)
+
+    def _first_block(self, layer: Any, queries: torch.Tensor, query_pe: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
+        t2i = layer.cross_attn_token_to_image
+        queries = layer.norm2(queries + _attend(t2i, t2i.q_proj(queries + query_pe),
+                                                self.t2i_k, self.t2i_v))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        i2t = layer.cross_attn_image_to_token
+        q = queries + query_pe
+        keys = layer.norm4(self.keys + _attend(i2t, self.i2t_q, i2t.k_proj(q),
+                                               i2t.v_proj(queries)))
+        return queries, keys
+
+    @torch.no_grad()
+    def __call__(self, points: np.ndarray | None, box: np.ndarray | None,
+                 multimask: bool) -> tuple[np.ndarray, float]:
+        sam, tf = self.sam, self.predictor.transform
+        device = self.keys.device
+        pts = None
+        if points is not None:
+            coords = torch.as_tensor(tf.apply_coords(points, self.original_size),
+                                     dtype=torch.float, device=device)[None]
+            labels = torch.ones((1, len(points)), dtype=torch.int, device=device)
+            pts = (coords, labels)
+        boxes = None
+        if box is not None:
+            boxes = torch.as_tensor(tf.apply_boxes(box, self.original_size),
+                                    dtype=torch.float, device=device)
+        sparse, _ = sam.prompt_encoder(points=pts, boxes=boxes, masks=None)
+        dec = sam.mask_decoder
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat((tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+        tr = dec.transformer
+        queries, keys = self._first_block(tr.layers[0], tokens, tokens)
+        for layer in tr.layers[1:]:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens,
+                                  key_pe=self.key_pe)
+        attn_out = tr.final_attn_token_to_image(q=queries + tokens, k=keys + self.key_pe,
+                                                v=keys)
+        hs = tr.norm_final_attn(queries + attn_out)
+        b, c, h, w = self.shape
+        up = dec.output_upscaling(keys.transpose(1, 2).view(b, c, h, w))
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i, :])
+                             for i in range(dec.num_mask_tokens)], dim=1)
+        b, c, h, w = up.shape
+        masks = (hyper @ up.view(b, c, h * w)).view(b, -1, h, w)
+        iou = dec.iou_prediction_head(hs[:, 0, :])
+        keep = slice(1, None) if multimask else slice(0, 1)
+        masks, iou = masks[:, keep], iou[:, keep]
+        best = int(np.argmax(iou[0].cpu().numpy())) if multimask else 0
+        full = sam.postprocess_masks(masks[:, best:best + 1], self.input_size, self.original_size)
+        return (full[0, 0] > sam.mask_threshold).cpu().numpy(), float(iou[0, best])
 
 
 def sam_predict(predictor: Any, points: np.ndarray | None, box: np.ndarray | None,

@@ -40,12 +40,12 @@ from methods.fseg.pipeline import (
     torch_threads,
 )
 from methods.fseg.qap import answer_tokens, canonical_answer, is_yes
-from methods.fseg.sam import image_embedding, load_sam, predict_from_embedding
+from methods.fseg.sam import EmbeddingDecoder, image_embedding, load_sam
 
 SETTINGS: dict[str, Any] = {
     "seed": 0, "qa": "auto", "max_new_tokens": 96, "pad_to_square": True, "grid": "base",
     "vgm_features": "vision", "evidence_dtype": "float16", "dtype": "auto", "decode_threads": 1,
-    "sam_memo": 256,
+    "sam_memo": 256, "class_batch": 4,
 }
 SETTING_CHOICES: dict[str, tuple[Any, ...]] = {
     "qa": ("auto", "model", "present"), "grid": ("base", "highres"),
@@ -76,11 +76,15 @@ class FSegSegmenter(Segmenter):
                             f"known: {sorted(SETTINGS)}")
         self.settings = {**SETTINGS, **settings}
         self._sam_memo: OrderedDict = OrderedDict()
+        self._decoders: OrderedDict = OrderedDict()
         self.sam_memo_hits = 0
         for k, choices in SETTING_CHOICES.items():
             if self.settings[k] not in choices:
                 raise OvssError(f"fseg: settings.{k} must be one of {list(choices)}, "
                                 f"got {self.settings[k]!r}")
+        if not isinstance(self.settings["class_batch"], int) or self.settings["class_batch"] < 1:
+            raise OvssError(f"fseg: settings.class_batch must be an integer >= 1, "
+                            f"got {self.settings['class_batch']!r}")
         self.llava, self.sam, self.device = llava, sam, device
         self.predictor = SamPredictor(sam)
         self.backbone = {k: backbone[k] for k in BACKBONE_KEYS if k in backbone}
@@ -108,20 +112,27 @@ class FSegSegmenter(Segmenter):
             raise OvssError("fseg: settings.qa=present needs the image-level labels (present)")
         return mode
 
-    def ask(self, runner: PrefixRunner, c_name: str, label: int, mode: str,
-            present: set[int]) -> ClassEvidence:
-        """QAP for one class, and the TVR maps when the answer is yes."""
-        if mode == "model":
-            text = runner.generate(c_name, int(self.settings["max_new_tokens"]))
-            yes = is_yes(text)
-        else:
-            yes = label in present
-            text = canonical_answer(c_name) if yes else "No."
-        if not yes:
-            return ClassEvidence(text, False)
-        ans = answer_tokens(self.llava.tokenizer, text, c_name)
-        cos, attn = runner.analyse(c_name, ans)
-        return ClassEvidence(text, True, cos, attn, bool(ans.s1_tokens), ans.fallback)
+    def ask(self, runner: PrefixRunner, names: Mapping[int, str], mode: str,
+            present: set[int]) -> dict[int, ClassEvidence]:
+        """QAP for every class, then the TVR maps of the yes-classes (``class_batch`` per
+        LLM pass)."""
+        answers: dict[int, tuple[str, bool]] = {}
+        for c, name in names.items():
+            if mode == "model":
+                text = runner.generate(name, int(self.settings["max_new_tokens"]))
+                answers[c] = (text, is_yes(text))
+            else:
+                yes = c in present
+                answers[c] = (canonical_answer(name) if yes else "No.", yes)
+        yes_cls = [c for c in names if answers[c][1]]
+        toks = {c: answer_tokens(self.llava.tokenizer, answers[c][0], names[c]) for c in yes_cls}
+        maps = runner.analyse_many([(names[c], toks[c]) for c in yes_cls],
+                                   int(self.settings["class_batch"]))
+        out = {c: ClassEvidence(answers[c][0], False) for c in names}
+        for c, (cos, attn) in zip(yes_cls, maps):
+            out[c] = ClassEvidence(answers[c][0], True, cos, attn, bool(toks[c].s1_tokens),
+                                   toks[c].fallback)
+        return out
 
     @torch.no_grad()
     def extract(self, image: np.ndarray, classes: ClassSet,
@@ -135,8 +146,8 @@ class FSegSegmenter(Segmenter):
                               s["vgm_features"], self.device)
         runner = PrefixRunner(self.llava, tokens, self.device)
         wanted = {int(p) for p in (present or ())}
-        per_class = {c: self.ask(runner, classes.prompts[c][0], c, mode, wanted)
-                     for c in classes.foreground}
+        per_class = self.ask(runner, {c: classes.prompts[c][0] for c in classes.foreground},
+                             mode, wanted)
         del runner
         yes = [c for c in classes.foreground if per_class[c].yes]
         dtype = DTYPES[s["evidence_dtype"]]
@@ -162,6 +173,18 @@ class FSegSegmenter(Segmenter):
                 "answers": {str(c): per_class[c].answer for c in classes.foreground},
                 "s0_fallbacks": sum(per_class[c].fallback for c in yes), "qa": mode}
         return Evidence(tensors, meta)
+
+    def _decoder(self, emb_id: str, emb: torch.Tensor, input_size: list[int],
+                 size: tuple[int, int]) -> EmbeddingDecoder:
+        """The SAM decoder of one cached embedding (its image-side tensors computed once; the
+        last few images are kept, about 14 MB each for a 64 x 64 x 256 embedding)."""
+        key = (emb_id, tuple(input_size), size)
+        if key not in self._decoders:
+            self._decoders[key] = EmbeddingDecoder(self.predictor, emb, input_size, size)
+            while len(self._decoders) > 4:
+                self._decoders.popitem(last=False)
+        self._decoders.move_to_end(key)
+        return self._decoders[key]
 
     @property
     def num_layers(self) -> int:
@@ -213,8 +236,8 @@ class FSegSegmenter(Segmenter):
                 self._sam_memo.move_to_end(key)
                 self.sam_memo_hits += 1
                 return self._sam_memo[key]
-            out = predict_from_embedding(self.predictor, emb, input_size, (h, w), points, box,
-                                         bool(params["multimask"]))
+            out = self._decoder(emb_id, emb, input_size, (h, w))(points, box,
+                                                                 bool(params["multimask"]))
             self._sam_memo[key] = out
             while len(self._sam_memo) > int(self.settings["sam_memo"]):
                 self._sam_memo.popitem(last=False)
