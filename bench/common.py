@@ -10,8 +10,8 @@ import torch
 
 #: glibc malloc settings for benches that allocate hundreds of MB per forward (SAM's global
 #: attention, LLM activations): freed memory stays in the heap instead of going back to the
-#: kernel, so the next forward does not page-fault it in again. On this 2-core VM that cut a
-#: SAM ViT-B encoder from 17 s (21 s of system time in the run) to 12 s (3 s).
+#: kernel, so the next forward does not page-fault it in again (on this 2-core VM the page
+#: faults showed as tens of seconds of system time; compare a run with OVSS_BENCH_MALLOC=0).
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
                  "MALLOC_TOP_PAD_": str(1 << 30)}
 
