@@ -42,6 +42,44 @@ def check_resources(gpus_per_trial: float, cpus_per_trial: float) -> None:
                         f"{res.get('CPU', 0):g} CPU(s)")
 
 
+def fault_point(name: str) -> None:
+    """Fault-injection point for the crash tests: with ``OVSS_FAULT_PAUSE=<name>`` the driver
+    says so on stderr and waits here to be killed. Does nothing otherwise."""
+    if os.environ.get("OVSS_FAULT_PAUSE") == name:
+        import sys
+        import time
+
+        print(f"ovss fault point: {name}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(1)
+
+
+def resume_target(client, exp_name: str, plan) -> str | None:
+    """With ``--resume``: the parent run of the search to continue, or a one-line refusal when
+    there is none, or it finished with no failed trial to re-run. Runs before Ray starts and
+    writes nothing."""
+    from search import tracking
+
+    if not plan.args.resume:
+        return None
+    where = f"in the MLflow store {plan.tracking_uri}"
+    exp = client.get_experiment_by_name(exp_name)
+    run = tracking.previous_search(client, exp.experiment_id, plan.name) if exp else None
+    if run is None:
+        raise OvssError(f"--resume: no search named {plan.name!r} {where}: run it without "
+                        "--resume")
+    failed = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
+        "attributes.status = 'FAILED'", max_results=1)
+    if run.info.status == "FINISHED" and not failed:   # failed trials: resume re-runs them
+        n = run.data.metrics.get("trials")
+        done = f" with {int(n)} scored trials" if n is not None else ""
+        raise OvssError(f"--resume: search {plan.name!r} already finished{done} (run "
+                        f"{run.info.run_id}); nothing to resume: start a new search with "
+                        "another --name to run more trials")
+    return run.info.run_id
+
+
 def run_search(plan) -> str:
     import ray
     from mlflow.tracking import MlflowClient
@@ -52,6 +90,15 @@ def run_search(plan) -> str:
 
     args = plan.args
     r = plan.resolved
+    client = MlflowClient(plan.tracking_uri)
+    exp_name = tracking.experiment_name(r.method, r.backbone_name, plan.dataset_name)
+    try:
+        reopen = resume_target(client, exp_name, plan)
+    except OvssError:
+        raise
+    except Exception as e:
+        raise OvssError(f"cannot open MLflow store {plan.tracking_uri}: "
+                        f"{str(e).splitlines()[0]}") from None
     started = _init_ray(args.address)
     try:
         check_resources(args.gpus_per_trial, args.cpus_per_trial)
@@ -65,8 +112,6 @@ def run_search(plan) -> str:
             device=device)
         ctx.settings_key = _settings_key(ctx)
 
-        client = MlflowClient(plan.tracking_uri)
-        exp_name = tracking.experiment_name(r.method, r.backbone_name, plan.dataset_name)
         try:
             exp_id = tracking.ensure_experiment(client, exp_name)
         except Exception as e:
@@ -75,8 +120,6 @@ def run_search(plan) -> str:
         tags = {"ovss_method": r.method, "ovss_backbone": r.backbone_name,
                 "ovss_dataset": plan.dataset_name, "ovss_reward": plan.reward["name"],
                 "ovss_search_name": plan.name}
-        reopen = tracking.previous_search_run(client, exp_id, plan.name) if args.resume \
-            else None
         with tracking.parent_run(client, exp_id, plan.name, tags, reopen) as parent_id:
             from search.tune import extraction_pass, log_search_outputs, tune_search
 
@@ -88,10 +131,14 @@ def run_search(plan) -> str:
             try:
                 n_new = extraction_pass(ctx, args.gpus_per_trial, args.cpus_per_trial)
                 client.set_tag(parent_id, "ovss_extracted_images", str(n_new))
+                fault_point("before_tuning")
                 results = tune_search(plan, ctx, callback)
             finally:
                 callback.close_open_runs("KILLED")
+            fault_point("after_tuning")
             best = log_search_outputs(client, parent_id, plan, ctx, results, callback)
+            if callback.orphaned:
+                client.set_tag(parent_id, "ovss_orphaned_runs", str(len(callback.orphaned)))
         return (f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
                 f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}\n"
                 f"export: python -m search.export --method {r.method} --backbone "

@@ -110,7 +110,19 @@ def _creation_number(trial, fallback: int) -> int:
 
 
 class MlflowTrialCallback(tune.Callback):
-    """Logs each Tune trial as a child run of the search's parent run (in the driver)."""
+    """Logs each Tune trial as a child run of the search's parent run (in the driver).
+
+    MLflow, not Tune's checkpoint, is the record of which trial owns which run: every child run
+    is tagged with its Tune ``trial_id``, and on the first step of a (resumed) search
+    :meth:`reconcile` maps the trials Tune knows to their runs and closes the runs of a dead
+    driver that the restored state does not know (KILLED, tagged ``ovss_orphaned``). Tune
+    checkpoints its state at most every ~10 s, so those runs exist after a SIGKILL.
+
+    Metrics: the headline metric (``miou`` or ``clip_score``, and ``score``) is logged once, when a
+    trial finishes its last rung; per-rung values go under ``rung/<metric>`` with step = number of
+    images scored, so sorting children by the headline never ranks an early-stopped trial's
+    few-image score above a fully scored one.
+    """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
                  metric_name: str, fixed_params: Mapping[str, Any]):
@@ -123,6 +135,8 @@ class MlflowTrialCallback(tune.Callback):
         self.numbers: dict[str, int] = {}   # trial_id -> 0-based trial number
         self.last: dict[str, dict] = {}     # trial_id -> last result
         self.ended: set[str] = set()        # trial_ids that completed or failed
+        self.orphaned: list[str] = []       # run ids of a dead driver, closed KILLED
+        self.reconciled = False
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
@@ -130,17 +144,13 @@ class MlflowTrialCallback(tune.Callback):
         d["_client"] = None
         return d
 
-    # Tune checkpoints callback state with the experiment, so --resume keeps logging each
-    # trial into its own child run.
+    # Tune checkpoints callback state with the experiment; :meth:`reconcile` rebuilds the
+    # trial -> run map from MLflow anyway (the checkpoint can be ~10 s older than the record).
     def get_state(self) -> dict:
-        return {"runs": self.runs, "numbers": self.numbers, "last": self.last,
-                "ended": sorted(self.ended)}
+        return {"numbers": self.numbers}
 
     def set_state(self, state: dict) -> None:
-        self.runs.update(state.get("runs", {}))
         self.numbers.update(state.get("numbers", {}))
-        self.last.update(state.get("last", {}))
-        self.ended.update(state.get("ended", []))
 
     def unfinished(self) -> list[str]:
         """Trials that started but neither completed nor failed (the search was interrupted)."""
@@ -151,6 +161,57 @@ class MlflowTrialCallback(tune.Callback):
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
+
+    def _children(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}' and "
+            f"tags.{TAG_ROLE} = 'trial'", max_results=50000,
+            order_by=["attributes.start_time ASC"])
+
+    def reconcile(self, trials) -> None:
+        """Map the trials Tune knows (restored or new) to their existing child runs; close and
+        tag the runs no known trial owns. Runs once, before any trial of this driver starts."""
+        if self.reconciled:
+            return
+        self.reconciled = True
+        known = {t.trial_id: t for t in trials}
+        self.runs.clear()
+        self.ended.clear()
+        for run in self._children():
+            tags = run.data.tags
+            if "ovss_orphaned" in tags:
+                continue
+            tid = tags.get("ovss_trial_id")
+            trial = known.get(tid)
+            if trial is None or tid in self.runs:
+                self._orphan(run, "no trial of the restored search state owns this run"
+                             if trial is None else f"a second run of trial {tid}")
+                continue
+            self.runs[tid] = run.info.run_id
+            self.numbers[tid] = int(tags.get("ovss_trial_number", len(self.numbers)))
+            status = str(getattr(trial, "status", ""))
+            if status in ("TERMINATED", "ERROR"):
+                self.ended.add(tid)
+                if run.info.status == "RUNNING":  # ended in Tune, the driver died before logging
+                    if status == "ERROR":
+                        self._log_error(trial, run.info.run_id)
+                    else:
+                        self._log_final(trial, run.info.run_id,
+                                        dict(getattr(trial, "last_result", {}) or {}))
+
+    def _orphan(self, run, why: str) -> None:
+        run_id = run.info.run_id
+        tags = run.data.tags
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            self.client.set_terminated(run_id, status="KILLED")
+        else:
+            self.client.update_run(run_id, status="KILLED")
+        self.client.set_tag(run_id, "ovss_orphaned", why)
+        if "ovss_trial_number" in tags:
+            self.client.set_tag(run_id, "ovss_orphaned_trial_number", tags["ovss_trial_number"])
+            self.client.delete_tag(run_id, "ovss_trial_number")
+        self.client.update_run(run_id, name=f"orphaned-{run.info.run_name}")
+        self.orphaned.append(run_id)
 
     def _run_for(self, trial) -> str:
         if trial.trial_id not in self.runs:
@@ -165,38 +226,67 @@ class MlflowTrialCallback(tune.Callback):
             log_params(self.client, run.info.run_id, params)
         return self.runs[trial.trial_id]
 
+    def on_step_begin(self, iteration, trials, **info):
+        self.reconcile(trials)
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self.reconcile(trials)
+        run_id = self._run_for(trial)
+        if trial.trial_id in self.ended:   # a resumed trial re-runs into its own run
+            self.ended.discard(trial.trial_id)
+            self.client.update_run(run_id, status="RUNNING")
+            for tag in ("ovss_pruned", "ovss_error", "ovss_error_file"):
+                if tag in self.client.get_run(run_id).data.tags:
+                    self.client.delete_tag(run_id, tag)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         self.last[trial.trial_id] = dict(result)
-        step = int(result.get("rung", result.get("training_iteration", 1) - 1))
-        metrics = {"score": result.get("score"), self.metric_name: result.get("score"),
-                   "images": result.get("images")}
+        step = int(result.get("images", result.get("training_iteration", 1)))
+        metrics = {f"rung/{self.metric_name}": result.get("score"),
+                   "rung/images": result.get("images")}
         if "fidelity_miou" in result:
-            metrics["fidelity_miou"] = result["fidelity_miou"]
+            metrics["rung/fidelity_miou"] = result["fidelity_miou"]
         log_metrics(self.client, run_id, metrics, step)
+
+    def _log_final(self, trial, run_id: str, last: dict) -> None:
+        rung, total = int(last.get("rung", 0)), last.get("rungs_total")
+        if total is not None and rung + 1 < int(total):
+            self.client.set_tag(run_id, "ovss_pruned", f"stopped by ASHA after rung {rung} "
+                                f"({int(last.get('images', 0))} images)")
+        elif last:
+            final = {"score": last.get("score"), self.metric_name: last.get("score"),
+                     "images": last.get("images")}
+            if "fidelity_miou" in last:
+                final["fidelity_miou"] = last["fidelity_miou"]
+            final.update({k: v for k, v in last.items()
+                          if k.startswith(("iou/", "aacc", "detail/"))})
+            log_metrics(self.client, run_id, final, int(last.get("images", 0)))
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        last = self.last.get(trial.trial_id, {})
-        details = {k: v for k, v in last.items() if k.startswith(("iou/", "aacc", "detail/"))}
-        if details:
-            log_metrics(self.client, run_id, details, int(last.get("rung", 0)))
-        rungs_total = last.get("rungs_total")
-        if rungs_total is not None and int(last.get("rung", 0)) + 1 < int(rungs_total):
-            self.client.set_tag(run_id, "ovss_pruned", f"stopped by ASHA after rung "
-                                f"{int(last.get('rung', 0))}")
-        self.client.set_terminated(run_id, status="FINISHED")
+        self._log_final(trial, run_id, self.last.get(trial.trial_id, {}))
         self.ended.add(trial.trial_id)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
+    def _log_error(self, trial, run_id: str) -> None:
         err = getattr(trial, "error_file", None)
+        line = ""
+        if err and Path(err).is_file():
+            text = Path(err).read_text(errors="replace").strip()
+            line = next((x.strip() for x in reversed(text.splitlines()) if x.strip()), "")
+            try:
+                self.client.log_artifact(run_id, str(err))
+            except Exception:
+                pass
+        self.client.set_tag(run_id, "ovss_error", (line or "trial failed")[:500])
         if err:
             self.client.set_tag(run_id, "ovss_error_file", str(err))
         self.client.set_terminated(run_id, status="FAILED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        self._log_error(trial, run_id)
         self.ended.add(trial.trial_id)
 
     def close_open_runs(self, status: str = "KILLED") -> None:
@@ -218,12 +308,12 @@ def close_running_children(client: MlflowClient, experiment_id: str, parent_id: 
         client.set_terminated(r.info.run_id, status=status)
 
 
-def previous_search_run(client: MlflowClient, experiment_id: str, name: str):
-    """The newest parent run of the search ``name`` (reopened by --resume)."""
+def previous_search(client: MlflowClient, experiment_id: str, name: str):
+    """The newest parent run (an mlflow Run) of the search ``name`` (reopened by --resume)."""
     runs = client.search_runs([experiment_id], f"tags.{TAG_ROLE} = 'search' and "
                               f"tags.ovss_search_name = '{name}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
 
 
 def latest_search_run(client: MlflowClient, method: str, backbone: str | None,
@@ -245,4 +335,4 @@ def latest_search_run(client: MlflowClient, method: str, backbone: str | None,
 
 __all__ = ["MlflowTrialCallback", "close_running_children", "default_tracking_uri",
            "ensure_experiment", "experiment_name", "latest_search_run", "log_metrics",
-           "log_params", "mlflow", "parent_run", "RunStatus"]
+           "log_params", "mlflow", "parent_run", "previous_search", "RunStatus"]

@@ -8,6 +8,7 @@ the worker builds the segmenter, the cache, the data set and the scorer once per
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,10 @@ import numpy as np
 from methods import get_segmenter_class
 from methods.base import ClassSet, Evidence, OvssError, Segmenter
 from search.cache import EvidenceCache, evidence_key
+
+
+class TrialScoreError(RuntimeError):
+    """A trial's score is not a finite number (NaN or inf)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,12 @@ def evaluate(ctx: SearchContext, params: Mapping[str, Any],
             if fid is not None:
                 fid.update(None, pred, label=label, present=list(item.present))
         done = upto
-        result = {"score": float(acc.value()), "rung": rung, "images": upto,
+        score = float(acc.value())
+        if not math.isfinite(score):
+            # Fails the trial (FAILED in Tune and MLflow, ignored by the best config) rather than
+            # handing the searcher a number it cannot compare.
+            raise TrialScoreError(f"{ctx.reward['name']} score is {score} after {upto} images")
+        result = {"score": score, "rung": rung, "images": upto,
                   "rungs_total": len(ctx.rungs)}
         if fid is not None:
             result["fidelity_miou"] = float(fid.value())

@@ -4,12 +4,15 @@ ASHA), and what the parent MLflow run gets at the end (best config, plots, overl
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from methods.base import OvssError
 
@@ -23,6 +26,10 @@ def _user_error(e: BaseException) -> OvssError | None:
         e = getattr(e, "cause", None) or e.__cause__
         seen += 1
     return None
+
+
+EXTRACT_RETRIES = 3   # Ray re-runs an extraction task whose worker died this many times
+TRIAL_RETRIES = 2     # Tune re-runs a failed trial this many times (FailureConfig.max_failures)
 
 
 def _extract_task(ctx, item) -> bool:
@@ -45,7 +52,11 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
           file=sys.stderr)
     if not todo:
         return 0
-    task = ray.remote(_extract_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    # A worker that dies (SIGKILL, node lost, OOM kill) is retried by Ray; an exception the
+    # task raises (a corrupt image, a missing checkpoint) is not: it is the user's to fix.
+    task = ray.remote(_extract_task).options(num_cpus=cpus, num_gpus=gpus,
+                                             max_retries=EXTRACT_RETRIES,
+                                             retry_exceptions=False)
     ctx_ref = ray.put(ctx)
     pending = [task.remote(ctx_ref, it) for it in todo]
     with tqdm(total=len(pending), desc="extract", unit="img", file=sys.stderr) as bar:
@@ -72,13 +83,93 @@ def _trainable(config: dict, ctx=None) -> None:
     evaluate(ctx, config, tune.report)
 
 
-def tune_search(plan, ctx, callback):
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """Ray's Optuna searcher, but a trial stopped early by the scheduler (fewer images than the
+    full tuning set) is told to Optuna as PRUNED, not COMPLETE with its few-image score: TPE
+    must not compare a 2-image mIoU with a 16-image one. Its per-rung values stay reported as
+    intermediate values (``on_trial_result``), which TPE uses to rank pruned trials."""
+
+    def __init__(self, *args, full_images: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.full_images = int(full_images)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and not error and int(result.get("images", 0)) < self.full_images:
+            result = None   # OptunaSearch tells a result-less, error-less trial as PRUNED
+        super().on_trial_complete(trial_id, result, error)
+
+
+class ImageRungScheduler(ASHAScheduler):
+    """ASHA whose milestones are the search's image counts (``time_attr="images"``).
+
+    Ray's ASHA puts milestones at ``grace * rf**k`` of its time attribute; with rungs of
+    2, 4, 8, 16 images and ``training_iteration`` as the clock that is 1, 2, 4, 8 iterations, which
+    skips rung 3 when there are 4 or more. Here every rung but the last is a milestone, whatever
+    ``--rungs``: a trial is stopped at rung r when its score is below the top 1/rf of the scores
+    recorded at rung r so far (ASHA's rule)."""
+
+    def __init__(self, rungs: list[int], reduction_factor: float = 2, **kwargs):
+        super().__init__(time_attr="images", max_t=int(rungs[-1]), grace_period=int(rungs[0]),
+                         reduction_factor=reduction_factor, brackets=1, **kwargs)
+        milestones = [int(r) for r in rungs[:-1]]
+        for bracket in self._brackets:
+            bracket._rungs = [(m, {}) for m in reversed(milestones)]
+
+
+def _tune_interrupted(before) -> bool:
+    """Whether Tune's Ctrl-C handler fired during ``fit``; ``before`` is the SIGINT handler
+    installed before ``fit``, put back here.
+
+    Tune (main thread, ``TUNE_DISABLE_SIGINT_HANDLER`` unset) installs its own SIGINT handler
+    for ``fit`` and, when it fires, puts ``before`` back and stops gracefully; otherwise its
+    handler stays installed. Counting runs is no test: a resumed search need not create any."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGINT)
+    installs = (threading.current_thread() is threading.main_thread()
+                and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")))
+    fired = installs and handler is before
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, before)   # Ctrl-C after tuning raises KeyboardInterrupt
+    return fired
+
+
+def _new_tuner(plan, ctx, callback, trainable):
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.schedulers import FIFOScheduler
 
     from search.space import optuna_space, trial0
+
+    r, args = plan.resolved, plan.args
+    startup = max(2, min(10, plan.num_samples // 4))
+    # constant_liar: trials running at once see each other as bad results, so parallel TPE
+    # suggestions spread out instead of piling onto one point.
+    sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=startup,
+                                         constant_liar=True)
+    searcher = PrunedAwareOptunaSearch(space=optuna_space(r.space), sampler=sampler,
+                                       metric="score", mode="max",
+                                       points_to_evaluate=[trial0(r.defaults, r.space)],
+                                       full_images=plan.rungs[-1])
+    scheduler = (ImageRungScheduler(plan.rungs, reduction_factor=2, metric="score", mode="max")
+                 if len(plan.rungs) > 1 else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=plan.num_samples, reuse_actors=True,
+                                    max_concurrent_trials=args.max_concurrent or None),
+        run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
+                                  callbacks=[callback], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
+
+
+def tune_search(plan, ctx, callback):
+    import shutil
+    import signal
+
+    import ray
+    from ray import tune
 
     r, args = plan.resolved, plan.args
     if not r.space:
@@ -88,43 +179,31 @@ def tune_search(plan, ctx, callback):
     path = plan.storage / plan.name
     # Tune keeps a single pending trial for a searcher by default, which on short trials leaves
     # all but one worker idle; allow as many pending trials as can run at once.
-    import os
-
-    import ray
-
     slots = int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_trial, 1e-6))
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG",
                           str(max(1, min(slots, args.max_concurrent or slots))))
-    if args.resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise OvssError(f"--resume: no interrupted search named {plan.name!r} under "
-                            f"{plan.storage}")
+    if args.resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
-        # The pickled run config holds the old callback object; log through this run's one
-        # (Tune then restores its checkpointed state: trial -> child run).
+        # The pickled run config holds the old callback object; log through this run's one.
+        # Which trial owns which child run comes from MLflow (callback.reconcile), not from the
+        # checkpoint, which can be ~10 s older than the record.
         tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
-        startup = max(2, min(10, plan.num_samples // 4))
-        sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=startup)
-        searcher = OptunaSearch(space=optuna_space(r.space), sampler=sampler, metric="score",
-                                mode="max",
-                                points_to_evaluate=[trial0(r.defaults, r.space)])
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(plan.rungs),
-                                   grace_period=1, reduction_factor=2, metric="score",
-                                   mode="max")
-                     if len(plan.rungs) > 1 else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=plan.num_samples, reuse_actors=True,
-                                        max_concurrent_trials=args.max_concurrent or None),
-            run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
-                                      callbacks=[callback], verbose=0))
+        # A fresh search, or a resumed one whose driver died before Tune saved any state (during
+        # extraction, or in the first seconds of tuning): start tuning anew in the same parent
+        # run; child runs of the dead driver are closed as orphans by callback.reconcile.
+        if args.resume and path.exists():
+            shutil.rmtree(path)
+        tuner = _new_tuner(plan, ctx, callback, trainable)
+    before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
+    interrupted = _tune_interrupted(before)
+    trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", []) or [])
+    callback.reconcile(trials)   # a resumed search whose trials had all ended runs no step
     # Tune turns Ctrl-C into a graceful stop and returns; tell it apart from a finished search
     # so the runs end KILLED (not FINISHED) and the user is told to --resume.
-    if callback.unfinished() or len(callback.runs) < plan.num_samples:
+    if interrupted or any(str(t.status) not in ("TERMINATED", "ERROR") for t in trials):
         raise KeyboardInterrupt
     ok = [res for res in results if res.error is None and res.metrics]
     if not ok:

@@ -43,15 +43,18 @@ def test_search_logs_everything_and_exports(ray_session, workdir, voc_root, caps
     assert float(first.data.params["temp"]) == pytest.approx(0.1)
     assert float(first.data.params["thr"]) == pytest.approx(0.3)
     assert first.data.params["mode"] == "linear" and first.data.params["pool"] == "1"
-    # Every trial logs the metric per rung (steps 0.. up to where ASHA stopped it).
-    histories = [client.get_metric_history(c.info.run_id, "miou") for c in children]
+    # Every trial logs its score per rung under rung/miou (step = images scored, up to where
+    # ASHA stopped it); only trials that saw every image carry the headline miou.
+    histories = [client.get_metric_history(c.info.run_id, "rung/miou") for c in children]
     assert all(len(h) >= 1 for h in histories)
     assert max(len(h) for h in histories) == 3
-    assert sorted(m.step for m in max(histories, key=len)) == [0, 1, 2]
+    assert sorted(m.step for m in max(histories, key=len)) == [2, 4, 8]   # 8 images
     pruned = [c for c, h in zip(children, histories) if len(h) < 3]
-    assert all("ovss_pruned" in c.data.tags for c in pruned)
+    assert all("ovss_pruned" in c.data.tags and "miou" not in c.data.metrics for c in pruned)
     full = [c for c, h in zip(children, histories) if len(h) == 3]
     assert all(any(k.startswith("iou/") for k in c.data.metrics) for c in full)
+    assert all(c.data.metrics["miou"] == h[-1].value for c, h in zip(children, histories)
+               if len(h) == 3)
     # The parent holds the best config, plots and overlays.
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_config.yaml", "plots", "overlays", "search_space.yaml"} <= arts
@@ -59,8 +62,7 @@ def test_search_logs_everything_and_exports(ray_session, workdir, voc_root, caps
     assert "plots/optimization_history.png" in plots
     assert len(client.list_artifacts(parent.info.run_id, "overlays")) == 3
     best_score = parent.data.metrics["best_score"]
-    final = [h[-1].value for h in histories if len(h) == 3]
-    assert best_score == pytest.approx(max(final))
+    assert best_score == pytest.approx(max(c.data.metrics["miou"] for c in full))
     assert "best miou=" in out
 
     # Export, refuse to overwrite, then force.
