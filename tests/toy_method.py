@@ -9,6 +9,9 @@ decode: softmax with temperature ``temp``, background where the top probability 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,24 @@ class ToySegmenter(Segmenter):
     def settings_key(self):
         return dict(self.settings)
 
+    def _die_once(self, setting: str) -> None:
+        """Fault injection: SIGKILL this worker process once, when the file named by the setting
+        exists (it is removed first, so Ray's retry of the task / Tune's retry of the trial
+        succeeds)."""
+        flag = self.settings.get(setting)
+        if flag:
+            try:
+                os.unlink(flag)
+            except FileNotFoundError:
+                return
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def extract(self, image, classes: ClassSet, present: Sequence[int] | None = None):
         CALLS["extract"] += 1
+        self._die_once("die_once_extract")
+        delay = float(self.settings.get("extract_delay", 0) or 0)
+        if delay:
+            time.sleep(delay)
         check_image(image)
         img = torch.from_numpy(np.array(image)).float().div(255)   # HxWx3 (a writable copy)
         cols = torch.from_numpy(np.stack([class_colour(p[0]) for p in classes.prompts]))
@@ -60,6 +79,10 @@ class ToySegmenter(Segmenter):
         return Evidence({"smoothed": sm.contiguous()}, {"pool": k})
 
     def decode(self, evidence, params):
+        self._die_once("die_once_decode")
+        delay = float(self.settings.get("decode_delay", 0) or 0)
+        if delay:
+            time.sleep(delay)
         flag = self.settings.get("fail_flag")
         if flag and int(params["pool"]) == 2 and Path(flag).exists():
             raise RuntimeError("toy: simulated crash (fail_flag present)")

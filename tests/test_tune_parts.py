@@ -1,0 +1,119 @@
+"""The searcher and scheduler a search builds: early-stopped trials reach Optuna as PRUNED, ASHA's
+milestones are the image counts of the rungs, and parallel TPE suggestions spread out."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from search.tune import ImageRungScheduler, PrunedAwareOptunaSearch, _tune_interrupted
+
+SPACE = {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
+         "k": optuna.distributions.IntDistribution(1, 12)}
+
+
+def _searcher(startup=2, full=8):
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=startup, constant_liar=True)
+    return PrunedAwareOptunaSearch(space=SPACE, sampler=sampler, metric="score", mode="max",
+                                   full_images=full)
+
+
+def test_early_stopped_trials_are_pruned_in_optuna():
+    s = _searcher()
+    for i in range(3):
+        s.suggest(f"t{i}")
+        s.on_trial_result(f"t{i}", {"score": 0.1 * i, "images": 2, "training_iteration": 1})
+    s.on_trial_complete("t0", {"score": 0.9, "images": 2})     # stopped at rung 0
+    s.on_trial_complete("t1", {"score": 0.5, "images": 8})     # scored on every image
+    s.on_trial_complete("t2", None, error=True)
+    states = [t.state for t in s._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
+                      optuna.trial.TrialState.FAIL]
+    assert s._ot_study.best_value == 0.5          # the 2-image 0.9 is not comparable
+    assert s._ot_study.trials[0].intermediate_values == {1: 0.0}
+
+
+def test_parallel_suggestions_spread_out_after_startup():
+    s = _searcher(startup=2)
+    for i in range(6):                            # history past the random start-up
+        cfg = s.suggest(f"h{i}")
+        s.on_trial_complete(f"h{i}", {"score": -abs(cfg["x"] - 0.3), "images": 8})
+    pending = [s.suggest(f"p{i}") for i in range(4)]   # 4 trials at once, none finished
+    assert len({(round(c["x"], 6), c["k"]) for c in pending}) == 4
+    assert s._ot_study.sampler._constant_liar
+
+
+def _feed(sched, trial, images, score):
+    return sched.on_trial_result(None, trial, {"images": images, "score": score})
+
+
+@pytest.mark.parametrize("rungs", [[2, 3, 5, 10], [1, 2, 4, 8, 16], [3, 5, 10]])
+def test_asha_milestones_are_the_image_counts(rungs):
+    sched = ImageRungScheduler(rungs, reduction_factor=2, metric="score", mode="max")
+    assert sorted(m for m, _ in sched._brackets[0]._rungs) == rungs[:-1]
+    # At every milestone, a trial below the top half of those recorded there is stopped.
+    for milestone in rungs[:-1]:
+        good = SimpleNamespace(trial_id=f"g{milestone}")
+        bad = SimpleNamespace(trial_id=f"b{milestone}")
+        for t in (good, bad):
+            sched.on_trial_add(None, t)
+        for m in rungs[:rungs.index(milestone)]:      # both pass the earlier milestones
+            _feed(sched, good, m, 1.0)
+            _feed(sched, bad, m, 1.0)
+        assert _feed(sched, good, milestone, 0.9) == TrialScheduler.CONTINUE
+        assert _feed(sched, bad, milestone, 0.1) == TrialScheduler.STOP
+
+
+def test_interrupt_is_read_from_tunes_sigint_handler():
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    event = threading.Event()
+
+    def signal_interrupt_tune_run(sig, frame):   # the shape of Tune's own handler
+        event.set()
+        signal.signal(signal.SIGINT, before)
+
+    signal.signal(signal.SIGINT, signal_interrupt_tune_run)
+    assert _tune_interrupted(before) is False       # still installed: not interrupted
+    assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal_interrupt_tune_run)
+    signal_interrupt_tune_run(signal.SIGINT, None)  # fired: Tune put ``before`` back
+    assert _tune_interrupted(before) is True
+
+
+def test_a_nan_score_fails_the_trial(voc_root, tmp_path, monkeypatch):
+    import search.trial as trial
+    from search.cache import file_hash
+    from search.data import open_dataset
+
+    data = open_dataset("voc21", str(voc_root))
+    items = [trial.ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), ())
+             for i in range(2)]
+    ctx = trial.SearchContext(
+        method="toy", backbone={"name": "tiny"}, settings={"seed": 0}, defaults={
+            "temp": 0.1, "thr": 0.3, "mode": "linear", "pool": 1},
+        classes=data.classes.to_dict(), dataset={"name": "voc21", "root": str(voc_root)},
+        items=items, rungs=[1, 2], reward={"name": "miou"}, cache_dir=str(tmp_path),
+        extraction_knobs=("pool",))
+    reports = []
+    assert trial.evaluate(ctx, {}, reports.append)["images"] == 2   # finite: two reports
+    assert len(reports) == 2
+
+    class NanScore:
+        def update(self, *a, **k):
+            pass
+
+        def value(self):
+            return float("nan")
+
+        def details(self):
+            return {}
+
+    monkeypatch.setattr(trial, "make_scorer", lambda ctx, name=None: NanScore)
+    with pytest.raises(trial.TrialScoreError, match="nan after 1 images"):
+        trial.evaluate(ctx, {}, reports.append)
