@@ -26,7 +26,13 @@ def _init_ray(address: str | None) -> bool:
             ray.init(**kw)
     except Exception as e:  # ConnectionError, RuntimeError, ...
         where = f"at --address {address}" if address else "locally"
-        raise OvssError(f"cannot start Ray {where}: {str(e).splitlines()[0]}") from None
+        hint = ""
+        if address and not os.environ.get("RAY_AUTH_MODE"):
+            # Ray 2.60 turns token authentication on by itself when ~/.ray/auth_token exists.
+            hint = (" (if the cluster and this machine disagree on token authentication, set "
+                    "RAY_AUTH_MODE=token with the cluster's RAY_AUTH_TOKEN, or "
+                    "RAY_AUTH_MODE=disabled, on both)")
+        raise OvssError(f"cannot start Ray {where}: {str(e).splitlines()[0]}{hint}") from None
     return True
 
 
@@ -86,10 +92,13 @@ def run_search(plan) -> str:
 
     from methods import get_segmenter_class
     from search import tracking
+    from search.preflight import check_ray_address, check_tracking_store
     from search.trial import SearchContext
 
     args = plan.args
     r = plan.resolved
+    check_tracking_store(plan.tracking_uri)
+    check_ray_address(args.address)
     client = MlflowClient(plan.tracking_uri)
     exp_name = tracking.experiment_name(r.method, r.backbone_name, plan.dataset_name)
     try:
@@ -131,6 +140,8 @@ def run_search(plan) -> str:
             try:
                 n_new = extraction_pass(ctx, args.gpus_per_trial, args.cpus_per_trial)
                 client.set_tag(parent_id, "ovss_extracted_images", str(n_new))
+                if ctx.extract_nodes:
+                    client.set_tag(parent_id, "ovss_extract_nodes", ",".join(ctx.extract_nodes))
                 fault_point("before_tuning")
                 results = tune_search(plan, ctx, callback)
             finally:

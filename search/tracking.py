@@ -241,6 +241,10 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
+        if trial.trial_id not in self.last:   # first result of this driver: where it runs
+            for key in ("node_id", "node_ip", "device"):
+                if key in result:
+                    self.client.set_tag(run_id, f"ovss_{key}", str(result[key]))
         self.last[trial.trial_id] = dict(result)
         step = int(result.get("images", result.get("training_iteration", 1)))
         metrics = {f"rung/{self.metric_name}": result.get("score"),

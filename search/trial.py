@@ -48,6 +48,7 @@ class SearchContext:
     extraction_knobs: tuple[str, ...] = ()
     fidelity: bool = False
     device: str = "cpu"
+    extract_nodes: list[str] = field(default_factory=list)   # Ray node ids that extracted
 
     @property
     def class_set(self) -> ClassSet:

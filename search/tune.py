@@ -32,10 +32,10 @@ EXTRACT_RETRIES = 3   # Ray re-runs an extraction task whose worker died this ma
 TRIAL_RETRIES = 2     # Tune re-runs a failed trial this many times (FailureConfig.max_failures)
 
 
-def _extract_task(ctx, item) -> bool:
+def _extract_task(ctx, item) -> tuple[bool, str]:
     from search.trial import extract_item
 
-    return extract_item(ctx, item)
+    return extract_item(ctx, item), where_am_i(ctx)["node_id"]
 
 
 def extraction_pass(ctx, gpus: float, cpus: float) -> int:
@@ -59,11 +59,13 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
                                              retry_exceptions=False)
     ctx_ref = ray.put(ctx)
     pending = [task.remote(ctx_ref, it) for it in todo]
+    nodes: set[str] = set()
     with tqdm(total=len(pending), desc="extract", unit="img", file=sys.stderr) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             try:
-                ray.get(done)
+                for _computed, node in ray.get(done):
+                    nodes.add(node)
             except Exception as e:
                 for ref in pending:
                     ray.cancel(ref)
@@ -72,7 +74,22 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
                     raise OvssError(str(user)) from None
                 raise
             bar.update(len(done))
+    ctx.extract_nodes = sorted(nodes)
     return len(todo)
+
+
+def where_am_i(ctx) -> dict[str, str]:
+    """The Ray node (id and IP) and torch device this worker runs on: tagged on each child
+    run, so a cluster search shows where its trials ran."""
+    import ray
+
+    rc = ray.get_runtime_context()
+    device = ctx.device
+    if device == "cuda":
+        ids = rc.get_accelerator_ids().get("GPU", [])
+        device = f"cuda:{','.join(map(str, ids))}" if ids else "cuda"
+    return {"node_id": rc.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "device": device}
 
 
 def _trainable(config: dict, ctx=None) -> None:
@@ -80,7 +97,8 @@ def _trainable(config: dict, ctx=None) -> None:
 
     from search.trial import evaluate
 
-    evaluate(ctx, config, tune.report)
+    where = where_am_i(ctx)
+    evaluate(ctx, config, lambda result: tune.report({**result, **where}))
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):

@@ -5,18 +5,17 @@ finished search resumed. The MLflow record must stay true through all of it."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from search.run import main as run_main
+from tests.procs import kill_own
 
 pytestmark = pytest.mark.slow
 
@@ -35,22 +34,6 @@ def _runs(workdir):
     parents = [r for r in runs if r.data.tags.get("ovss_role") == "search"]
     children = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
     return client, parents, children
-
-
-def _own_processes(marker: str) -> list[int]:
-    """Pids of the processes whose command line or environment names ``marker`` (the Ray temp
-    dir this test gave its driver): exactly what the test started."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in blob:
-            pids.append(int(d.name))
-    return pids
 
 
 def _kill_driver_at(workdir, argv, fault: str | None, env_extra=None, min_trials=0):
@@ -83,11 +66,7 @@ def _kill_driver_at(workdir, argv, fault: str | None, env_extra=None, min_trials
         proc.kill()
         proc.wait(timeout=30)
     finally:
-        for pid in _own_processes(tmp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_own(tmp)
         proc.stderr.close()
     return seen
 

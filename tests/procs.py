@@ -1,0 +1,38 @@
+"""Finding and stopping exactly the processes a test started (never by a broad name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+
+def own_processes(marker: str) -> list[int]:
+    """Pids of the processes whose command line or environment contains ``marker`` (a temp dir
+    the test made and gave only to what it started)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in blob:
+            pids.append(int(d.name))
+    return pids
+
+
+def kill_own(marker: str) -> None:
+    for pid in own_processes(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

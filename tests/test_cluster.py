@@ -1,0 +1,140 @@
+"""One search across machines, for real on loopback: a two-node Ray cluster (`ray start --head`
+and a second `ray start --address`, own temp dir), an `mlflow server` over HTTP, and the
+preflight that refuses a dead tracking server or a wrong --address in seconds, before Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import search.orchestrate as orch
+from search.run import main as run_main
+from tests.procs import free_port, kill_own
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _argv(voc_root, *extra):
+    return ["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
+            "--num-samples", "4", "--rungs", "1", *extra]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(address):
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(orch, "_init_ray", refuse)
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--address", "127.0.0.1:{port}", "nothing answers at 127.0.0.1:"),
+    ("--address", "no-port", "expected HOST:PORT"),
+    ("--address", "ray://127.0.0.1:{port}", "ray[client]"),
+    ("--tracking-uri", "http://127.0.0.1:{port}", "no MLflow server answers"),
+    ("--tracking-uri", "sqlite:////no/such/dir/mlflow.db", "does not exist"),
+])
+def test_unreachable_address_or_store_is_one_line_before_ray(workdir, voc_root, capsys, no_ray,
+                                                             flag, value, words):
+    value = value.format(port=free_port())     # nothing listens there
+    start = time.monotonic()
+    assert run_main(_argv(voc_root, flag, value)) == 2
+    took = time.monotonic() - start
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and value in err, err
+    assert took < 15
+    assert not (workdir / "mlflow.db").exists() or flag != "--tracking-uri"
+
+
+def _start_two_nodes(tmp: str, port: int) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}   # both sides agree (Ray 2.60 token auth)
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--temp-dir", tmp,
+                    "--include-dashboard", "false", "--resources", '{"node_a": 1}', *common],
+                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--resources",
+                    '{"node_b": 1}', *common], env=env, check=True, capture_output=True,
+                   timeout=120)
+    return env
+
+
+@pytest.mark.slow
+def test_search_on_a_two_node_cluster_uses_both_nodes(workdir, voc_root):
+    tmp = tempfile.mkdtemp(prefix="ovc", dir="/tmp")
+    port = free_port()
+    try:
+        env = _start_two_nodes(tmp, port)
+        proc = subprocess.run(
+            [sys.executable, "-m", "search.run", *_argv(voc_root, "--address",
+                                                         f"127.0.0.1:{port}"),
+             "--num-samples", "6", "--set", "settings.extract_delay=1.0",
+             "--set", "settings.decode_delay=0.2"],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        kill_own(tmp)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("toy/tiny/voc21")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("ovss_role") == "search"][0]
+    trials = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
+    assert len(trials) == 6 and {t.info.status for t in trials} == {"FINISHED"}
+    assert len({t.data.tags["ovss_node_id"] for t in trials}) == 2        # trials on both
+    assert len(parent.data.tags["ovss_extract_nodes"].split(",")) == 2   # extraction on both
+    assert {t.data.tags["ovss_device"] for t in trials} == {"cpu"}
+    # One cache for both nodes: each image extracted once, on one node or the other.
+    assert parent.data.tags["ovss_extracted_images"] == "8"
+
+
+def _mlflow_server(tmp) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination",
+         f"{tmp}/artifacts", "--serve-artifacts"], cwd=tmp, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            return url, proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+@pytest.mark.slow
+def test_search_logs_to_an_mlflow_server_over_http_and_exports(ray_session, workdir, voc_root):
+    import signal
+
+    from search.export import main as export_main
+
+    server_dir = tempfile.mkdtemp(prefix="ovm", dir="/tmp")
+    url, proc = _mlflow_server(server_dir)
+    try:
+        assert run_main(_argv(voc_root, "--tracking-uri", url)) == 0
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name("toy/tiny/voc21")
+        runs = client.search_runs([exp.experiment_id])
+        parent = [r for r in runs if r.data.tags.get("ovss_role") == "search"][0]
+        assert parent.info.status == "FINISHED"
+        assert len([r for r in runs if r.data.tags.get("ovss_role") == "trial"]) == 4
+        arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert "best_config.yaml" in arts
+        assert not (workdir / "mlflow.db").exists()          # nothing went to a local store
+        out = workdir / "tuned.yaml"
+        assert export_main(["--method", "toy", "--tracking-uri", url, "--out", str(out)]) == 0
+        assert "provenance" in out.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
