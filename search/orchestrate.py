@@ -36,16 +36,46 @@ def _init_ray(address: str | None) -> bool:
     return True
 
 
-def check_resources(gpus_per_trial: float, cpus_per_trial: float) -> None:
+def plan_resources(args) -> dict[str, float]:
+    """Resource requests for extraction (the model) and for trials (decode only), checked
+    against the cluster. A GPU cluster extracts on GPU by default and says so when trials ask
+    for none; with ``--autoscale`` missing resources are requested from the autoscaler instead
+    of refused (Tune and the extraction tasks then wait for the new nodes)."""
+    import sys
+
     import ray
 
     res = ray.cluster_resources()
-    if gpus_per_trial > 0 and res.get("GPU", 0) < gpus_per_trial:
-        raise OvssError(f"--gpus-per-trial {gpus_per_trial:g} asked for, but the Ray cluster has "
-                        f"{res.get('GPU', 0):g} GPU(s)")
-    if res.get("CPU", 0) < cpus_per_trial:
-        raise OvssError(f"--cpus-per-trial {cpus_per_trial:g} asked for, but the Ray cluster has "
-                        f"{res.get('CPU', 0):g} CPU(s)")
+    gpus = float(res.get("GPU", 0))
+    extract_gpus = (args.gpus_per_extract if args.gpus_per_extract is not None
+                    else (1.0 if gpus >= 1 else 0.0))
+    want = {"extract": {"GPU": extract_gpus, "CPU": args.cpus_per_extract},
+            "trial": {"GPU": args.gpus_per_trial, "CPU": args.cpus_per_trial}}
+    flags = {"extract": ("--gpus-per-extract", "--cpus-per-extract"),
+             "trial": ("--gpus-per-trial", "--cpus-per-trial")}
+    missing = []
+    for role, need in want.items():
+        for i, kind in enumerate(("GPU", "CPU")):
+            if need[kind] > 0 and float(res.get(kind, 0)) < need[kind]:
+                missing.append((role, kind, flags[role][i], need[kind]))
+    if missing and getattr(args, "autoscale", False):
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{k: v for k, v in need.items() if v > 0}
+                                   for need in want.values()])
+        print(f"asked the autoscaler for {', '.join(f'{n:g} {k}' for _, k, _, n in missing)}",
+              file=sys.stderr)
+    elif missing:
+        role, kind, flag, n = missing[0]
+        raise OvssError(f"{flag} {n:g} asked for, but the Ray cluster has "
+                        f"{float(res.get(kind, 0)):g} {kind}(s) (on a cluster that scales up "
+                        "on demand, add --autoscale)")
+    if gpus > 0 and args.gpus_per_trial == 0:
+        print(f"note: the Ray cluster has {gpus:g} GPU(s); trials decode on CPU "
+              "(--gpus-per-trial 0), extraction uses "
+              f"{extract_gpus:g} GPU per task (--gpus-per-extract)", file=sys.stderr)
+    return {"extract_gpus": extract_gpus, "extract_cpus": args.cpus_per_extract,
+            "trial_gpus": args.gpus_per_trial, "trial_cpus": args.cpus_per_trial}
 
 
 def fault_point(name: str) -> None:
@@ -110,7 +140,7 @@ def run_search(plan) -> str:
                         f"{str(e).splitlines()[0]}") from None
     started = _init_ray(args.address)
     try:
-        check_resources(args.gpus_per_trial, args.cpus_per_trial)
+        resources = plan_resources(args)
         device = "cuda" if args.gpus_per_trial > 0 else "cpu"
         seg_cls = get_segmenter_class(r.method)
         ctx = SearchContext(
@@ -138,7 +168,8 @@ def run_search(plan) -> str:
                 plan.tracking_uri, exp_id, parent_id, plan.reward["name"] + "_score"
                 if plan.reward["name"] == "clip" else "miou", {})
             try:
-                n_new = extraction_pass(ctx, args.gpus_per_trial, args.cpus_per_trial)
+                n_new = extraction_pass(ctx, resources["extract_gpus"],
+                                        resources["extract_cpus"])
                 client.set_tag(parent_id, "ovss_extracted_images", str(n_new))
                 if ctx.extract_nodes:
                     client.set_tag(parent_id, "ovss_extract_nodes", ",".join(ctx.extract_nodes))
@@ -176,6 +207,7 @@ def _log_plan(client, parent_id: str, plan, ctx) -> None:
               "reward": plan.reward["name"], "num_samples": plan.num_samples,
               "images": len(plan.items), "rungs": plan.rungs, "seed": plan.args.seed,
               "gpus_per_trial": plan.args.gpus_per_trial,
+              "gpus_per_extract": plan.args.gpus_per_extract,
               **{f"settings.{k}": v for k, v in r.settings.items()},
               **{f"default.{k}": v for k, v in r.defaults.items()}}
     tracking.log_params(client, parent_id, params)

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per trial and extraction task, fractions allowed (default 0)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--gpus-per-extract", type=float, help="GPUs per extraction task (the model "
+                   "forward; default: 1 when the cluster has GPUs, else 0). Trials only decode "
+                   "cached evidence and ask for --gpus-per-trial")
+    p.add_argument("--cpus-per-extract", type=float, default=1.0,
+                   help="CPUs per extraction task (default 1)")
+    p.add_argument("--autoscale", action="store_true", help="the cluster scales up on demand: "
+                   "ask Ray's autoscaler for missing GPUs/CPUs instead of refusing")
     p.add_argument("--rungs", type=int, default=3,
                    help="ASHA rungs: trials are scored on growing image subsets (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler (default 0)")
@@ -118,6 +125,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise OvssError(f"--num-samples {args.num_samples}: must be at least 1")
     if args.gpus_per_trial < 0:
         raise OvssError(f"--gpus-per-trial {args.gpus_per_trial}: must not be negative")
+    if args.gpus_per_extract is not None and args.gpus_per_extract < 0:
+        raise OvssError(f"--gpus-per-extract {args.gpus_per_extract}: must not be negative")
+    if args.cpus_per_extract <= 0:
+        raise OvssError(f"--cpus-per-extract {args.cpus_per_extract}: must be positive")
     if args.rungs < 1:
         raise OvssError(f"--rungs {args.rungs}: must be at least 1")
 

@@ -57,7 +57,10 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
     task = ray.remote(_extract_task).options(num_cpus=cpus, num_gpus=gpus,
                                              max_retries=EXTRACT_RETRIES,
                                              retry_exceptions=False)
-    ctx_ref = ray.put(ctx)
+    import dataclasses
+
+    # Extraction runs the model on the extraction tasks' own device, not the trials'.
+    ctx_ref = ray.put(dataclasses.replace(ctx, device="cuda" if gpus > 0 else "cpu"))
     pending = [task.remote(ctx_ref, it) for it in todo]
     nodes: set[str] = set()
     with tqdm(total=len(pending), desc="extract", unit="img", file=sys.stderr) as bar:

@@ -138,3 +138,37 @@ def test_search_logs_to_an_mlflow_server_over_http_and_exports(ray_session, work
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def _args(**kw):
+    from search.run import build_parser
+
+    argv = ["--method", "toy"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return build_parser().parse_args(argv)
+
+
+def test_resources_fit_the_work(monkeypatch, capsys):
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    from methods.base import OvssError
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    r = orch.plan_resources(_args())
+    assert r == {"extract_gpus": 1.0, "extract_cpus": 1.0, "trial_gpus": 0.0, "trial_cpus": 1.0}
+    assert "the Ray cluster has 2 GPU(s); trials decode on CPU" in capsys.readouterr().err
+    r = orch.plan_resources(_args(gpus_per_trial=0.25, gpus_per_extract=0.5))
+    assert (r["extract_gpus"], r["trial_gpus"]) == (0.5, 0.25)
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})   # GPUs scale from 0
+    assert orch.plan_resources(_args())["extract_gpus"] == 0.0
+    with pytest.raises(OvssError, match=r"--gpus-per-extract 1 asked for, .* 0 GPU\(s\)"):
+        orch.plan_resources(_args(gpus_per_extract=1))
+    asked = []
+    monkeypatch.setattr(sdk, "request_resources", lambda bundles: asked.append(bundles))
+    r = orch.plan_resources(_args(gpus_per_extract=1, gpus_per_trial=0.5, autoscale=True))
+    assert asked == [[{"GPU": 1.0, "CPU": 1.0}, {"GPU": 0.5, "CPU": 1.0}]]
+    assert "asked the autoscaler for 1 GPU, 0.5 GPU" in capsys.readouterr().err
