@@ -138,7 +138,12 @@ def run_search(plan) -> str:
     except Exception as e:
         raise OvssError(f"cannot open MLflow store {plan.tracking_uri}: "
                         f"{str(e).splitlines()[0]}") from None
+    import time
+
+    phases: dict[str, float] = {}    # seconds per phase, logged as time/<phase>_s
+    t0 = time.perf_counter()
     started = _init_ray(args.address)
+    phases["ray_start"] = time.perf_counter() - t0
     try:
         resources = plan_resources(args)
         device = "cuda" if args.gpus_per_trial > 0 else "cpu"
@@ -168,17 +173,25 @@ def run_search(plan) -> str:
                 plan.tracking_uri, exp_id, parent_id, plan.reward["name"] + "_score"
                 if plan.reward["name"] == "clip" else "miou", {})
             try:
+                t0 = time.perf_counter()
                 n_new = extraction_pass(ctx, resources["extract_gpus"],
                                         resources["extract_cpus"])
+                phases["extract"] = time.perf_counter() - t0
                 client.set_tag(parent_id, "ovss_extracted_images", str(n_new))
                 if ctx.extract_nodes:
                     client.set_tag(parent_id, "ovss_extract_nodes", ",".join(ctx.extract_nodes))
                 fault_point("before_tuning")
+                t0 = time.perf_counter()
                 results = tune_search(plan, ctx, callback)
+                phases["tune"] = time.perf_counter() - t0
             finally:
                 callback.close_open_runs("KILLED")
             fault_point("after_tuning")
+            t0 = time.perf_counter()
             best = log_search_outputs(client, parent_id, plan, ctx, results, callback)
+            phases["outputs"] = time.perf_counter() - t0
+            tracking.log_metrics(client, parent_id, {f"time/{k}_s": v for k, v in phases.items()},
+                                 0)
             if callback.orphaned:
                 client.set_tag(parent_id, "ovss_orphaned_runs", str(len(callback.orphaned)))
         return (f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"

@@ -264,7 +264,7 @@ class MlflowTrialCallback(tune.Callback):
             if "fidelity_miou" in last:
                 final["fidelity_miou"] = last["fidelity_miou"]
             final.update({k: v for k, v in last.items()
-                          if k.startswith(("iou/", "aacc", "detail/"))})
+                          if k.startswith(("iou/", "aacc", "detail/", "time/", "worker/"))})
             log_metrics(self.client, run_id, final, int(last.get("images", 0)))
         self.client.set_terminated(run_id, status="FINISHED")
 

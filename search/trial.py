@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,10 +170,14 @@ def evaluate(ctx: SearchContext, params: Mapping[str, Any],
     fid = make_scorer(ctx, "miou")() if ctx.fidelity and ctx.reward["name"] != "miou" else None
     needs_image = ctx.reward["name"] == "clip"
     done, result = 0, {}
+    clock = {"evidence": 0.0, "decode": 0.0, "score": 0.0}   # seconds, this trial so far
     for rung, upto in enumerate(ctx.rungs):
         for item in ctx.items[done:upto]:
+            t0 = time.perf_counter()
             ev = evidence_for(ctx, item, knobs)
+            t1 = time.perf_counter()
             pred = np.asarray(seg.decode(ev, knobs))
+            t2 = time.perf_counter()
             label = data.label(item.index) if dense else None
             image = data.image(item.index) if needs_image else None
             if label is not None:
@@ -180,6 +185,10 @@ def evaluate(ctx: SearchContext, params: Mapping[str, Any],
             acc.update(image, pred, label=label, present=list(item.present))
             if fid is not None:
                 fid.update(None, pred, label=label, present=list(item.present))
+            t3 = time.perf_counter()
+            clock["evidence"] += t1 - t0
+            clock["decode"] += t2 - t1
+            clock["score"] += t3 - t2
         done = upto
         score = float(acc.value())
         if not math.isfinite(score):
@@ -187,10 +196,19 @@ def evaluate(ctx: SearchContext, params: Mapping[str, Any],
             # handing the searcher a number it cannot compare.
             raise TrialScoreError(f"{ctx.reward['name']} score is {score} after {upto} images")
         result = {"score": score, "rung": rung, "images": upto,
-                  "rungs_total": len(ctx.rungs)}
+                  "rungs_total": len(ctx.rungs),
+                  **{f"time/{k}_s": v for k, v in clock.items()},
+                  "worker/max_rss_mb": _max_rss_mb()}
         if fid is not None:
             result["fidelity_miou"] = float(fid.value())
         if rung == len(ctx.rungs) - 1:
             result.update({k: float(v) for k, v in acc.details().items()})
         report(result)
     return result
+
+
+def _max_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
