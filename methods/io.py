@@ -7,7 +7,9 @@ palette, RGBA, CMYK, 16-bit), with the EXIF orientation applied, as a photo view
 ``atomic_write`` is the one way files a user keeps (exported configs, inference label maps and
 overlays, image-label lists, evidence cache entries) reach the disk: a reader sees the old file or
 the whole new one, never a half-written one. ``private_dir`` makes a directory only its owner can
-enter (Ray Tune's storage, whose pickles are unpickled on ``--resume``).
+enter (Ray Tune's storage, whose pickles are unpickled on ``--resume``). ``pretrained_kwargs`` and
+``weights_error`` are what every transformers ``from_pretrained`` of model weights passes and says:
+safetensors only, unless the backbone entry sets ``allow_pickle_weights: true``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import errno
 import os
 import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -216,3 +218,33 @@ def private_dir(path: str | os.PathLike) -> Path:
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
+
+
+def pretrained_kwargs(backbone: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for a transformers model ``from_pretrained`` of a backbone entry.
+
+    ``use_safetensors=True`` (a pickled ``.bin`` checkpoint can run code when it is read) unless
+    the entry sets ``allow_pickle_weights: true`` (``--set backbone.allow_pickle_weights=true``;
+    transformers then reads ``.bin`` files with ``torch.load(weights_only=True)``), and the hub
+    ``revision`` when the entry pins one. ``trust_remote_code`` is never passed (default off).
+    """
+    kw: dict[str, Any] = {"use_safetensors": not _flag(backbone.get("allow_pickle_weights"))}
+    if backbone.get("revision") and not backbone.get("path"):
+        kw["revision"] = str(backbone["revision"])
+    return kw
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+def weights_error(what: str, source: str, e: BaseException,
+                  kwargs: Mapping[str, Any]) -> OvssError:
+    """The one-line OvssError of a failed ``from_pretrained`` of model weights."""
+    text = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    if kwargs.get("use_safetensors") and "safetensors" in text:
+        return OvssError(f"{what}: {source!r} has no safetensors weights (pickled .bin files "
+                         "can run code when read): convert them with save_pretrained, or pass "
+                         "--set backbone.allow_pickle_weights=true to read them with "
+                         "weights_only=True")
+    return OvssError(f"{what}: cannot load {source!r} ({type(e).__name__}: {text})")
