@@ -378,3 +378,33 @@ def test_two_searches_share_one_cache_directory(tmp_path, voc_root):
     for path in shared.rglob("*.safetensors"):
         assert reader.get(path.parent.parent.name, path.stem) is not None
     assert reader.stats["damaged"] == 0
+
+
+def test_a_trial_recomputes_a_damaged_entry(tmp_path, monkeypatch, voc_root):
+    """Through the trial code: a damaged base entry is re-extracted, the right evidence used."""
+    from search import trial
+    from search.data import open_dataset
+    from search.trial import ImageItem, SearchContext, evidence_for, extract_item
+    from tests import toy_method
+
+    monkeypatch.setenv("OVSS_METHOD_MODULES", "toy=tests.toy_method")
+    data = open_dataset("voc21", str(voc_root))
+    item = ImageItem(0, data.ids()[0], cache_mod.file_hash(data.image_path(0)),
+                     tuple(data.image_labels(0)))
+    ctx = SearchContext(method="toy", backbone={"name": "tiny"}, settings={"seed": 0},
+                        defaults={"temp": 0.1, "thr": 0.3, "mode": "linear", "pool": 1},
+                        classes=data.classes.to_dict(),
+                        dataset={"name": "voc21", "root": str(voc_root), "split": "val"},
+                        items=[item], rungs=[1], reward={"name": "miou"},
+                        cache_dir=str(tmp_path / "c"), settings_key={"s": 1},
+                        extraction_knobs=())
+    monkeypatch.setattr(trial, "_MEMO", {})
+    assert extract_item(ctx, item) is True
+    want = trial.get_cache(ctx).get("toy", ctx.base_key(item))
+    path = trial.get_cache(ctx).path("toy", ctx.base_key(item))
+    path.write_bytes(_alter_tensor_bytes(path.read_bytes()))
+    monkeypatch.setattr(trial, "_MEMO", {})               # a new worker: nothing in memory
+    calls = toy_method.CALLS["extract"]
+    got = evidence_for(ctx, item, ctx.defaults)
+    assert toy_method.CALLS["extract"] == calls + 1      # recomputed, not read
+    assert _same(got, want) and _same(EvidenceCache(tmp_path / "c").get("toy", path.stem), want)
