@@ -31,7 +31,7 @@ from typing import Any
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from methods.base import Evidence
+from methods.base import Evidence, OvssError
 
 _CODE_VERSIONS: dict[str, str] = {}
 
@@ -184,8 +184,12 @@ class EvidenceCache:
             with open(path, "rb") as f:
                 seen = os.fstat(f.fileno())
                 raw = f.read()
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except PermissionError:
+            raise OvssError(f"cannot read evidence cache entry {path}: permission denied (a "
+                            "cache shared by several users needs a umask that lets them read, "
+                            "e.g. 002 or 022)") from None
         try:
             return decode_entry(raw)
         except Exception:  # noqa: BLE001 - DamagedEntry, or a safetensors parse error
@@ -217,7 +221,11 @@ class EvidenceCache:
 
         path = self.path(method, key)
         raw = encode_entry(evidence)
-        published = atomic_write(path, raw, overwrite=False)
+        try:
+            published = atomic_write(path, raw, overwrite=False)
+        except PermissionError:
+            raise OvssError(f"cannot write to the evidence cache {self.root}: permission denied "
+                            "(give --cache-dir a directory you can write)") from None
         if not published and self._read(path) is None:   # what was there was damaged
             published = atomic_write(path, raw, overwrite=False)
         self.stats["published" if published else "discarded"] += 1

@@ -186,6 +186,36 @@ def test_entry_modes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
         assert stat.S_IMODE(d.stat().st_mode) == dir_mode, d
 
 
+def test_unreadable_or_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
+    import builtins
+
+    import methods.io as mio
+    from methods.base import OvssError
+
+    cache = EvidenceCache(tmp_path, memory_mb=0)
+    k = evidence_key("h", "m", {}, version="v")
+    path = cache.put("m", k, _ev())
+    real_open = builtins.open
+
+    def denied(p, *a, **kw):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(OvssError, match="permission denied.*umask"):
+        cache.get("m", k)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert path.is_file()                                 # not taken for a damaged entry
+
+    def no_write(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(mio.os, "open", no_write)
+    with pytest.raises(OvssError, match="--cache-dir"):
+        cache.put("m", evidence_key("h2", "m", {}, version="v"), _ev())
+
+
 # --- write once ---------------------------------------------------------------------------------
 
 def test_two_writers_same_key_threads_publish_once(tmp_path):
