@@ -103,16 +103,20 @@ def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.
     return (image * (1 - alpha) + colorize(label_map) * alpha).astype(np.uint8)
 
 
-def save_label_map(label_map: np.ndarray, path: str | os.PathLike) -> None:
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write an HxW (uint8/uint16) or HxWx3 uint8 array as a PNG, atomically."""
     from PIL import Image
 
+    from methods.io import atomic_write
+
+    image = Image.fromarray(array)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def save_label_map(label_map: np.ndarray, path: str | os.PathLike) -> None:
+    """HxW int label map -> PNG of its values (uint8, or uint16 past 255), written atomically."""
     lm = np.asarray(label_map)
-    arr = lm.astype(np.uint8) if lm.max(initial=0) < 256 else lm.astype(np.uint16)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png(lm.astype(np.uint8) if lm.max(initial=0) < 256 else lm.astype(np.uint16), path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,9 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pred = seg(image, cs)
         out = Path(args.out)
         save_label_map(pred, out)
-        from PIL import Image
-
-        Image.fromarray(overlay(image, pred)).save(out.with_name(out.stem + "_overlay.png"))
+        save_png(overlay(image, pred), out.with_name(out.stem + "_overlay.png"))
     except OvssError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

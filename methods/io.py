@@ -1,14 +1,26 @@
-"""Reading images and label maps from disk, with one-line errors that name the file.
+"""Reading images and label maps from disk, and writing the files a user keeps.
 
 ``load_image`` always returns ``HxWx3 uint8 RGB in [0, 255]`` whatever is on disk (grayscale,
 palette, RGBA, CMYK, 16-bit), with the EXIF orientation applied, as a photo viewer shows it.
 ``load_label`` returns ``HxW int64`` label values (a palette PNG's indices, never its colours).
+
+``atomic_write`` is the one way files a user keeps (exported configs, inference label maps and
+overlays, image-label lists, evidence cache entries) reach the disk: a reader sees the old file or
+the whole new one, never a half-written one. ``private_dir`` makes a directory only its owner can
+enter (Ray Tune's storage, whose pickles are unpickled on ``--resume``). ``pretrained_kwargs`` and
+``weights_error`` are what every transformers ``from_pretrained`` of model weights passes and says:
+safetensors only, unless the backbone entry sets ``allow_pickle_weights: true``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -114,3 +126,125 @@ def load_label(path: str | os.PathLike) -> np.ndarray:
     if a.dtype.kind == "f" and not (np.all(np.isfinite(a)) and np.all(a == np.rint(a))):
         raise OvssError(f"cannot read label map {path}: it holds non-integer values")
     return np.ascontiguousarray(a.astype(np.int64))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+#: Test hook: called with (temporary path, final path) after the data is on disk, just before
+#: it is published.
+_before_publish: Callable[[Path, Path], None] | None = None
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None], *,
+                 overwrite: bool = True) -> bool:
+    """Write ``data`` to ``path`` so that a reader only ever sees the old file or the whole new one.
+
+    ``data``: bytes, str (written as UTF-8) or a function that writes to the binary file object
+    it is given (``lambda f: image.save(f, format="PNG")``). The bytes go to a temporary file in
+    the same directory, are flushed and fsynced, then renamed onto ``path``; on any failure the
+    temporary file is removed and ``path`` is left as it was. The file's mode is ``0o666`` less
+    the umask (the temporary file is created with that mode, so group/others read it when the
+    umask says so); missing parent directories are created ``0o777`` less the umask.
+
+    ``overwrite=False`` publishes with ``os.link``, which fails when ``path`` exists: the first
+    writer wins, a later one discards its copy and gets ``False`` (write-once, safe for several
+    processes writing the same file; on a file system without hard links it falls back to an
+    existence check then a rename, which narrows the window but does not close it).
+    Returns True when this call published ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        if _before_publish is not None:
+            _before_publish(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e:  # a file system without hard links: check, then rename
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and its parents) as a directory only its owner can enter: mode 0o700.
+
+    An existing directory of ours is tightened to 0o700; one owned by another user is refused
+    (``OvssError``), because what is read from it may be unpickled.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = path.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise OvssError(f"{path} is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise OvssError(f"{path} belongs to another user (uid {st.st_uid}): give a directory "
+                        "of your own")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def pretrained_kwargs(backbone: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for a transformers model ``from_pretrained`` of a backbone entry.
+
+    ``use_safetensors=True`` (a pickled ``.bin`` checkpoint can run code when it is read) unless
+    the entry sets ``allow_pickle_weights: true`` (``--set backbone.allow_pickle_weights=true``;
+    transformers then reads ``.bin`` files with ``torch.load(weights_only=True)``), and the hub
+    ``revision`` when the entry pins one. ``trust_remote_code`` is never passed (default off).
+    """
+    kw: dict[str, Any] = {"use_safetensors": not _flag(backbone.get("allow_pickle_weights"))}
+    if backbone.get("revision") and not backbone.get("path"):
+        kw["revision"] = str(backbone["revision"])
+    return kw
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+def weights_error(what: str, source: str, e: BaseException,
+                  kwargs: Mapping[str, Any]) -> OvssError:
+    """The one-line OvssError of a failed ``from_pretrained`` of model weights."""
+    text = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    if kwargs.get("use_safetensors") and "safetensors" in text:
+        return OvssError(f"{what}: {source!r} has no safetensors weights (pickled .bin files "
+                         "can run code when read): convert them with save_pretrained, or pass "
+                         "--set backbone.allow_pickle_weights=true to read them with "
+                         "weights_only=True")
+    return OvssError(f"{what}: cannot load {source!r} ({type(e).__name__}: {text})")

@@ -3,7 +3,7 @@
 The file carries its provenance (MLflow run ids, metric, data set, code version) and everything
 ``methods.infer`` needs to rebuild the segmenter (backbone spec, settings, full knob values), so it
 keeps working when conf/methods/ changes. It never overwrites an existing file without --force,
-and it writes to a temporary file renamed into place, so a failure leaves no half-written export.
+and it writes through ``methods.io.atomic_write``, so a failure leaves no half-written export.
 """
 
 from __future__ import annotations
@@ -46,15 +46,11 @@ def export(method: str, backbone: str | None = None, dataset: str | None = None,
     path = Path(out) if out else CONF_DIR / "tuned" / name
     if path.exists() and not force:
         raise OvssError(f"{path} exists: pass --force to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from methods.io import atomic_write
+
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not atomic_write(path, text, overwrite=force):   # without --force: never replace a file
+        raise OvssError(f"{path} exists: pass --force to overwrite")
     return path
 
 

@@ -206,8 +206,13 @@ def run_search(plan) -> str:
 
 def _settings_key(ctx) -> dict:
     """The segmenter's own settings key when it can give one without loading weights, else the
-    backbone spec + settings (every input of extract besides the image)."""
-    return {"backbone": ctx.backbone, "settings": ctx.settings, "classes": ctx.classes}
+    backbone spec + settings (every input of extract besides the image), with the identity of
+    the weights they name (hub commit, or a local checkpoint's size, mtime and sha256)."""
+    from search.cache import weights_identity
+
+    return {"backbone": ctx.backbone, "settings": ctx.settings, "classes": ctx.classes,
+            "weights": weights_identity(ctx.backbone),
+            "settings_weights": weights_identity(ctx.settings)}
 
 
 def _log_plan(client, parent_id: str, plan, ctx) -> None:

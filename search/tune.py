@@ -198,6 +198,10 @@ def tune_search(plan, ctx, callback):
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     path = plan.storage / plan.name
+    # Tune unpickles what it finds here on --resume: only this user may write (or read) it.
+    from methods.io import private_dir
+
+    private_dir(plan.storage)
     # Tune keeps a single pending trial for a searcher by default, which on short trials leaves
     # all but one worker idle; allow as many pending trials as can run at once.
     slots = int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_trial, 1e-6))

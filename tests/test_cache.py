@@ -1,19 +1,31 @@
-"""Evidence cache: content addressing, atomic writes, damaged entries, two writers."""
+"""Evidence cache: content addressing, checksums, damaged entries (and the race of removing one),
+modes per umask, write-once publishing, the weights' identity in the key, two searches at once."""
 
 from __future__ import annotations
 
+import os
+import stat
+import struct
 import threading
+from types import SimpleNamespace
 
+import pytest
 import torch
 
+import search.cache as cache_mod
 from methods.base import Evidence
-from search.cache import EvidenceCache, evidence_key
+from search.cache import EvidenceCache, encode_entry, evidence_key, weights_identity
 
 
 def _ev(seed=0):
     g = torch.Generator().manual_seed(seed)
     return Evidence({"a": torch.randn(3, 4, generator=g), "b": torch.arange(5).half()},
                     {"size": [3, 4], "name": "x"})
+
+
+def _same(a: Evidence, b: Evidence) -> bool:
+    return a.meta == b.meta and a.tensors.keys() == b.tensors.keys() and \
+        all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 def test_roundtrip_and_key_sensitivity(tmp_path):
@@ -34,40 +46,223 @@ def test_roundtrip_and_key_sensitivity(tmp_path):
         evidence_key("h1", "m", {"s": 1}, {"b": 2, "a": 1}, "v")
 
 
-def test_damaged_entry_reads_as_missing_and_is_removed(tmp_path):
+# --- damaged entries --------------------------------------------------------------------------
+
+def _header_len(raw: bytes) -> int:
+    return struct.unpack("<Q", raw[:8])[0]
+
+
+def _alter_tensor_bytes(raw: bytes) -> bytes:
+    n = 8 + _header_len(raw)
+    return raw[:n] + bytes(b ^ 0x5A for b in raw[n:])       # header intact, every data byte
+
+
+def _truncate(raw: bytes) -> bytes:
+    return raw[:-7]
+
+
+def _damage_header(raw: bytes) -> bytes:
+    # A shape [3, 4] -> [4, 3] keeps the JSON valid and the data size right: safetensors alone
+    # would decode it (transposed garbage).
+    assert b"[3,4]" in raw
+    return raw.replace(b"[3,4]", b"[4,3]", 1)
+
+
+def _break_header_json(raw: bytes) -> bytes:
+    return raw[:8] + b"#" + raw[9:]
+
+
+def _damage_length(raw: bytes) -> bytes:
+    return struct.pack("<Q", 1 << 40) + raw[8:]
+
+
+@pytest.mark.parametrize("fault", [_alter_tensor_bytes, _truncate, _damage_header,
+                                   _break_header_json, _damage_length])
+def test_damaged_entry_is_detected_never_decoded_and_recomputed(tmp_path, monkeypatch, fault):
     cache = EvidenceCache(tmp_path, memory_mb=0)
     k = evidence_key("h", "m", {}, version="v")
     path = cache.put("m", k, _ev())
-    path.write_bytes(path.read_bytes()[:40])           # truncated by a crash elsewhere
+    path.write_bytes(fault(path.read_bytes()))
+    decoded = []
+    real = cache_mod.load_bytes
+    monkeypatch.setattr(cache_mod, "load_bytes", lambda raw: decoded.append(1) or real(raw))
     assert cache.get("m", k) is None
-    assert not path.exists()
+    assert decoded == []                                  # rejected before safetensors decodes
+    assert not path.exists() and cache.stats["damaged"] == 1
+    assert list(path.parent.iterdir()) == []              # nothing set aside is left behind
+    cache.put("m", k, _ev())                              # the caller recomputes it
+    assert _same(EvidenceCache(tmp_path, memory_mb=0).get("m", k), _ev())
+
+
+def test_the_altered_entry_would_decode_without_the_checksum(tmp_path):
+    """The faults above are ones safetensors itself accepts: the checksum is what catches them."""
+    from safetensors.torch import load
+
+    raw = encode_entry(_ev())
+    for fault in (_alter_tensor_bytes, _damage_header):
+        got = load(fault(raw))["a"]
+        assert got.shape != (3, 4) or not torch.equal(got, _ev().tensors["a"])
+
+
+def test_entry_without_checksum_reads_as_missing(tmp_path):
+    """An entry written without the checksum (an older version, another tool) is not trusted."""
+    from safetensors.torch import save_file
+
+    cache = EvidenceCache(tmp_path, memory_mb=0)
+    k = evidence_key("h", "m", {}, version="v")
+    path = cache.path("m", k)
+    path.parent.mkdir(parents=True)
+    tensors, meta = _ev().to_safetensors_dict()
+    save_file(tensors, str(path), metadata=meta)
+    assert cache.get("m", k) is None and not path.exists()
+
+
+def test_put_replaces_a_damaged_entry_in_its_way(tmp_path):
+    cache = EvidenceCache(tmp_path, memory_mb=0)
+    k = evidence_key("h", "m", {}, version="v")
+    path = cache.put("m", k, _ev(0))
+    path.write_bytes(_truncate(path.read_bytes()))
+    other = EvidenceCache(tmp_path, memory_mb=0)
+    other.put("m", k, _ev(0))
+    assert other.stats == {"published": 1, "discarded": 0, "damaged": 1}
+    assert _same(EvidenceCache(tmp_path, memory_mb=0).get("m", k), _ev(0))
+
+
+def test_removing_a_damaged_entry_keeps_a_good_one_renamed_into_place(tmp_path, monkeypatch):
+    """Between the check and the removal another process publishes a good entry: it stays."""
+    cache = EvidenceCache(tmp_path, memory_mb=0)
+    k = evidence_key("h", "m", {}, version="v")
+    path = cache.put("m", k, _ev(1))
+    path.write_bytes(_alter_tensor_bytes(path.read_bytes()))
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(encode_entry(_ev(1)))
+
+    def other_process_publishes(p):
+        os.replace(good, p)
+
+    monkeypatch.setattr(cache_mod, "_before_discard", other_process_publishes)
+    assert cache.get("m", k) is None                     # what it read was damaged
+    monkeypatch.setattr(cache_mod, "_before_discard", None)
+    assert path.is_file()
+    assert _same(EvidenceCache(tmp_path, memory_mb=0).get("m", k), _ev(1))
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_two_readers_of_one_damaged_entry(tmp_path, monkeypatch):
+    """The first reader's removal happens between the second's check and removal: no error."""
+    a, b = EvidenceCache(tmp_path, memory_mb=0), EvidenceCache(tmp_path, memory_mb=0)
+    k = evidence_key("h", "m", {}, version="v")
+    path = a.put("m", k, _ev())
+    path.write_bytes(_truncate(path.read_bytes()))
+    monkeypatch.setattr(cache_mod, "_before_discard",
+                        lambda p: (monkeypatch.setattr(cache_mod, "_before_discard", None),
+                                   a.get("m", k)))
+    assert b.get("m", k) is None and not path.exists() and a.stats["damaged"] == 1
 
 
 def test_no_temporary_file_reads_as_entry(tmp_path):
     cache = EvidenceCache(tmp_path, memory_mb=0)
     k = evidence_key("h", "m", {}, version="v")
     cache.put("m", k, _ev())
-    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.startswith(".tmp")]
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.startswith(".")]
     assert leftovers == []
 
 
-def test_two_writers_same_key(tmp_path):
+# --- modes --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755),
+                                                       (0o077, 0o600, 0o700),
+                                                       (0o002, 0o664, 0o775)])
+def test_entry_modes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        cache = EvidenceCache(tmp_path / "c", memory_mb=0)
+        k = evidence_key("h", "m", {}, version="v")
+        path = cache.put("m", k, _ev())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == file_mode
+    for d in (tmp_path / "c", tmp_path / "c" / "m", path.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == dir_mode, d
+
+
+def test_unreadable_or_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
+    import builtins
+
+    import methods.io as mio
+    from methods.base import OvssError
+
+    cache = EvidenceCache(tmp_path, memory_mb=0)
     k = evidence_key("h", "m", {}, version="v")
+    path = cache.put("m", k, _ev())
+    real_open = builtins.open
+
+    def denied(p, *a, **kw):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(OvssError, match="permission denied.*umask"):
+        cache.get("m", k)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert path.is_file()                                 # not taken for a damaged entry
+
+    def no_write(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(mio.os, "open", no_write)
+    with pytest.raises(OvssError, match="--cache-dir"):
+        cache.put("m", evidence_key("h2", "m", {}, version="v"), _ev())
+
+
+# --- write once ---------------------------------------------------------------------------------
+
+def test_two_writers_same_key_threads_publish_once(tmp_path):
+    k = evidence_key("h", "m", {}, version="v")
+    caches = [EvidenceCache(tmp_path, memory_mb=0) for _ in range(4)]
+    go = threading.Barrier(len(caches))
     errors = []
 
-    def write(seed):
+    def write(i):
         try:
-            for _ in range(20):
-                EvidenceCache(tmp_path, memory_mb=0).put("m", k, _ev(0))
+            go.wait()
+            caches[i].put("m", k, _ev(i))
         except Exception as e:  # pragma: no cover - the assertion below reports it
             errors.append(e)
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(caches))]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors
-    got = EvidenceCache(tmp_path, memory_mb=0).get("m", k)
-    assert torch.equal(got.tensors["a"], _ev(0).tensors["a"])
+    published = [i for i, c in enumerate(caches) if c.stats["published"]]
+    assert len(published) == 1
+    assert sum(c.stats["discarded"] for c in caches) == len(caches) - 1
+    # The entry on disk is the first writer's, whole: later writers never replaced it.
+    assert _same(EvidenceCache(tmp_path, memory_mb=0).get("m", k), _ev(published[0]))
+
+
+def _put_in_process(root, key, seed, barrier):
+    barrier.wait()
+    cache = EvidenceCache(root, memory_mb=0)
+    cache.put("m", key, _ev(seed))
+    return cache.stats["published"]
+
+
+def test_two_writers_same_key_processes_publish_once(tmp_path):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    k = evidence_key("h", "m", {}, version="v")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(3)
+        with cf.ProcessPoolExecutor(3, mp_context=ctx) as pool:
+            futures = [pool.submit(_put_in_process, str(tmp_path), k, i, barrier)
+                       for i in range(3)]
+            published = [f.result(timeout=120) for f in futures]
+    assert sorted(published) == [0, 0, 1]
+    assert _same(EvidenceCache(tmp_path, memory_mb=0).get("m", k), _ev(published.index(1)))
 
 
 def test_memory_lru_is_bounded(tmp_path):
@@ -77,3 +272,169 @@ def test_memory_lru_is_bounded(tmp_path):
         cache.put("m", k, _ev())
     assert len(cache._lru) == 2 and keys[-1] in cache._lru and keys[0] not in cache._lru
     assert cache.get("m", keys[0]) is not None        # still on disk
+
+
+# --- the weights' identity in the key -----------------------------------------------------------
+
+def _key(backbone, settings=None):
+    from search.orchestrate import _settings_key
+
+    ctx = SimpleNamespace(backbone=backbone, settings=settings or {}, classes={"names": ["a"]})
+    return evidence_key("img", "m", _settings_key(ctx), version="v")
+
+
+def test_replacing_the_checkpoint_at_the_same_path_changes_the_key(tmp_path, monkeypatch):
+    ckpt = tmp_path / "clip.safetensors"
+    ckpt.write_bytes(b"weights-1" * 100)
+    spec = {"name": "b", "model": "ViT-B-16", "path": str(ckpt)}
+    hashed = []
+    real = cache_mod.file_hash
+    monkeypatch.setattr(cache_mod, "file_hash", lambda p: hashed.append(p) or real(p))
+    k1 = _key(spec)
+    assert _key(spec) == k1 and _key(dict(spec)) == k1       # nothing touched: same key
+    assert len(hashed) == 1                                  # hashed once per process
+    st = ckpt.stat()
+    replacement = tmp_path / "new.safetensors"
+    replacement.write_bytes(b"weights-2" * 100)              # same size, other content
+    os.replace(replacement, ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))      # even with the old mtime
+    assert ckpt.stat().st_size == st.st_size and ckpt.stat().st_mtime_ns == st.st_mtime_ns
+    k2 = _key(spec)
+    assert k2 != k1 and len(hashed) == 2
+    ckpt.write_bytes(b"weights-1" * 100)                     # the old bytes back, new mtime
+    assert _key(spec) != k2
+
+
+def test_a_local_model_directory_and_a_sam_checkpoint_are_in_the_key(tmp_path):
+    d = tmp_path / "llava"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 64)
+    sam = tmp_path / "sam.pth"
+    sam.write_bytes(b"s" * 64)
+    spec = {"name": "b", "model": "llava-hf/llava-1.5-7b-hf", "path": str(d),
+            "sam_checkpoint": str(sam)}
+    k1 = _key(spec)
+    ident = weights_identity(spec)
+    assert set(ident["path"]["files"]) == {"config.json", "model.safetensors"}
+    assert "model" not in ident                 # the local path overrides the hub id
+    (d / "model.safetensors").write_bytes(b"y" * 64)
+    k2 = _key(spec)
+    sam.write_bytes(b"t" * 64)
+    k3 = _key(spec)
+    assert len({k1, k2, k3}) == 3
+    settings_ckpt = tmp_path / "presence.bin"
+    settings_ckpt.write_bytes(b"p")
+    k4 = _key(spec, {"presence_path": str(settings_ckpt)})
+    settings_ckpt.write_bytes(b"q")
+    assert _key(spec, {"presence_path": str(settings_ckpt)}) != k4
+
+
+def _fake_hub_cache(root, repo, commit, ref="main"):
+    refs = root / ("models--" + repo.replace("/", "--")) / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / ref).write_text(commit)
+
+
+def test_hub_models_are_keyed_by_the_resolved_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    hub = {"name": "b", "arch": "llava", "model": "llava-hf/llava-1.5-7b-hf"}
+    unresolved = _key(hub)
+    assert weights_identity(hub)["model"]["commit"] is None
+    _fake_hub_cache(tmp_path, "llava-hf/llava-1.5-7b-hf", "a" * 40)
+    k_a = _key(hub)
+    assert weights_identity(hub)["model"] == {"hub": "llava-hf/llava-1.5-7b-hf",
+                                              "revision": "main", "commit": "a" * 40}
+    _fake_hub_cache(tmp_path, "llava-hf/llava-1.5-7b-hf", "b" * 40)   # main moved on
+    k_b = _key(hub)
+    assert len({unresolved, k_a, k_b}) == 3
+    pinned = {**hub, "revision": "c" * 40}
+    assert weights_identity(pinned)["model"]["commit"] == "c" * 40
+    # open_clip pretrained tags: the commit of the tag's hub repo.
+    clip = {"name": "c", "model": "ViT-B-16-quickgelu", "pretrained": "openai"}
+    repo = weights_identity(clip)["model"]["hub"]
+    assert repo == "timm/vit_base_patch16_clip_224.openai"
+    k_clip = _key(clip)
+    _fake_hub_cache(tmp_path, repo, "d" * 40)
+    assert weights_identity(clip)["model"]["commit"] == "d" * 40 and _key(clip) != k_clip
+
+
+def test_tiny_backbones_have_no_files():
+    assert weights_identity({"name": "tiny", "tiny": {"width": 64}}) == {}
+    assert weights_identity({"name": "tiny"}) == {}
+
+
+# --- two searches, one cache directory ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_searches_share_one_cache_directory(tmp_path, voc_root):
+    """Two real searches (each its own local Ray) at once on one cache: both complete, every
+    entry is published once (the loser of each race discards its copy) and reads as valid."""
+    import subprocess
+    import sys
+
+    shared = tmp_path / "shared-cache"
+    log = tmp_path / "writes.log"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = []
+    for sid in ("a", "b"):
+        work = tmp_path / sid
+        work.mkdir()
+        env = {**os.environ, "OVSS_METHOD_MODULES": "toy=tests.cache_race_method",
+               "OVSS_TEST_WRITE_LOG": str(log), "OVSS_TEST_BARRIER": str(barrier),
+               "OVSS_TEST_SEARCH_ID": sid, "OMP_NUM_THREADS": "1"}
+        env.pop("RAY_ADDRESS", None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "search.run", "--method", "toy", "--dataset", "voc21",
+             "--data-root", str(voc_root), "--num-samples", "4", "--rungs", "1", "--seed", "3",
+             "--cache-dir", str(shared), "--max-concurrent", "1"],
+            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    lines = [line.split() for line in log.read_text().splitlines()]
+    published = [name for what, name in lines if what == "published"]
+    discarded = [name for what, name in lines if what == "discarded"]
+    on_disk = sorted(p.name for p in shared.rglob("*.safetensors"))
+    assert sorted(published) == on_disk                  # each entry written exactly once
+    assert len(set(published)) == len(published)
+    assert discarded and set(discarded) <= set(published)  # the race happened and was lost
+    assert len(on_disk) >= 8                              # 8 images' base evidence at least
+    assert [p for p in shared.rglob("*") if p.name.startswith(".")] == []
+    reader = EvidenceCache(shared, memory_mb=0)
+    for path in shared.rglob("*.safetensors"):
+        assert reader.get(path.parent.parent.name, path.stem) is not None
+    assert reader.stats["damaged"] == 0
+
+
+def test_a_trial_recomputes_a_damaged_entry(tmp_path, monkeypatch, voc_root):
+    """Through the trial code: a damaged base entry is re-extracted, the right evidence used."""
+    from search import trial
+    from search.data import open_dataset
+    from search.trial import ImageItem, SearchContext, evidence_for, extract_item
+    from tests import toy_method
+
+    monkeypatch.setenv("OVSS_METHOD_MODULES", "toy=tests.toy_method")
+    data = open_dataset("voc21", str(voc_root))
+    item = ImageItem(0, data.ids()[0], cache_mod.file_hash(data.image_path(0)),
+                     tuple(data.image_labels(0)))
+    ctx = SearchContext(method="toy", backbone={"name": "tiny"}, settings={"seed": 0},
+                        defaults={"temp": 0.1, "thr": 0.3, "mode": "linear", "pool": 1},
+                        classes=data.classes.to_dict(),
+                        dataset={"name": "voc21", "root": str(voc_root), "split": "val"},
+                        items=[item], rungs=[1], reward={"name": "miou"},
+                        cache_dir=str(tmp_path / "c"), settings_key={"s": 1},
+                        extraction_knobs=())
+    monkeypatch.setattr(trial, "_MEMO", {})
+    assert extract_item(ctx, item) is True
+    want = trial.get_cache(ctx).get("toy", ctx.base_key(item))
+    path = trial.get_cache(ctx).path("toy", ctx.base_key(item))
+    path.write_bytes(_alter_tensor_bytes(path.read_bytes()))
+    monkeypatch.setattr(trial, "_MEMO", {})               # a new worker: nothing in memory
+    calls = toy_method.CALLS["extract"]
+    got = evidence_for(ctx, item, ctx.defaults)
+    assert toy_method.CALLS["extract"] == calls + 1      # recomputed, not read
+    assert _same(got, want) and _same(EvidenceCache(tmp_path / "c").get("toy", path.stem), want)

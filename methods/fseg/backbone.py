@@ -167,10 +167,17 @@ def load_llava(backbone: Mapping[str, Any], seed: int, dtype: str, device: str) 
 
     cls = LlavaForConditionalGeneration if arch == "llava" else LlavaNextForConditionalGeneration
     torch_dtype = model_dtype(dtype, device)
+    from methods.io import pretrained_kwargs, weights_error
+
+    kw = pretrained_kwargs(backbone)  # safetensors only unless allow_pickle_weights; revision
+    rev = {"revision": kw["revision"]} if "revision" in kw else {}
     try:
-        model = cls.from_pretrained(source, dtype=torch_dtype, attn_implementation="eager")
-        tok = AutoTokenizer.from_pretrained(source)
-        proc = AutoImageProcessor.from_pretrained(source)
+        model = cls.from_pretrained(source, dtype=torch_dtype, attn_implementation="eager", **kw)
+    except (OSError, ValueError) as e:
+        raise weights_error("fseg: LLaVA", str(source), e, kw) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **rev)
+        proc = AutoImageProcessor.from_pretrained(source, **rev)
     except (OSError, ValueError) as e:
         raise OvssError(f"fseg: cannot load LLaVA {source!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160]})") from None

@@ -255,16 +255,23 @@ def _load_pretrained(arch: str, backbone: Mapping[str, Any], label: str,
             raise OvssError(f"pnp backbone {label!r}: give `model` (a hub id such as "
                             f"Salesforce/blip-itm-large-flickr) or `path` (a local directory)")
     cls = BlipForImageTextRetrieval if arch == "blip" else BridgeTowerForImageAndTextRetrieval
+    from methods.io import pretrained_kwargs, weights_error
+
+    kw = pretrained_kwargs(backbone)  # safetensors only unless allow_pickle_weights; revision
+    rev = {"revision": kw["revision"]} if "revision" in kw else {}
     try:
-        model = cls.from_pretrained(source, attn_implementation="eager")
-        tok = AutoTokenizer.from_pretrained(source)
+        model = cls.from_pretrained(source, attn_implementation="eager", **kw)
+    except (OSError, ValueError) as e:
+        raise weights_error(f"pnp backbone {label!r}", source, e, kw) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **rev)
     except (OSError, ValueError) as e:
         raise OvssError(f"pnp backbone {label!r}: cannot load {source!r} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                         f"set backbone.path=<local directory>") from None
     mean, std = CLIP_MEAN, CLIP_STD
     try:
-        proc = AutoImageProcessor.from_pretrained(source)
+        proc = AutoImageProcessor.from_pretrained(source, **rev)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
     except (OSError, ValueError, AttributeError):
         pass  # no preprocessor config: both models were trained with the CLIP statistics

@@ -83,8 +83,7 @@ def write_image_labels(dataset: SegDataset, path: str | os.PathLike | None = Non
     names = dataset.classes.names
     data = {image_id: [names[v] for v in dataset.image_labels(i)]
             for i, image_id in enumerate(dataset.ids())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    from methods.io import atomic_write
+
+    atomic_write(out, json.dumps(data, indent=1) + "\n")
     return out
