@@ -17,10 +17,13 @@ from methods.base import OvssError
 def _user_error(e: BaseException) -> OvssError | None:
     """The OvssError inside a Ray task / trial error, if there is one."""
     seen = 0
-    while e is not None and seen < 10:
+    while isinstance(e, BaseException) and seen < 10:
         if isinstance(e, OvssError):
             return e
-        e = getattr(e, "cause", None) or e.__cause__
+        # RayTaskError.cause is the task's exception; RayActorError's may be a protobuf
+        # context or text (OOM kills, dead workers): follow exceptions only.
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else e.__cause__
         seen += 1
     return None
 
