@@ -22,7 +22,10 @@ def _user_error(e: BaseException) -> OvssError | None:
             return e
         # RayTaskError.cause is the task's exception; RayActorError's may be a protobuf
         # context or text (OOM kills, dead workers): follow exceptions only.
-        cause = getattr(e, "cause", None)
+        try:
+            cause = getattr(e, "cause", None)
+        except Exception:  # a Ray dual exception's __getattr__ without its cause: recursion
+            cause = None
         e = cause if isinstance(cause, BaseException) else e.__cause__
         seen += 1
     return None
