@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from methods import get_segmenter_class
+from methods import get_segmenter_class, method_module_name
 from methods.base import ClassSet, OvssError, check_image
 
 REQUIRED = ("method", "backbone", "settings", "params")
@@ -75,7 +75,7 @@ def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -
     method, params = config["method"], config["params"]
     if not isinstance(method, str):
         raise OvssError(f"{where}: method must be a name, got {method!r}")
-    get_segmenter_class(method)  # unknown method: one line naming it and the known ones
+    method_module_name(method)  # unknown method: one line naming the known ones (no import)
     if not isinstance(params, Mapping):
         raise OvssError(f"{where}: params must be a mapping of knob: value")
     from search.config import check_knob_value, load_method_spec

@@ -18,14 +18,15 @@ def _user_error(e: BaseException) -> OvssError | None:
     """The OvssError inside a Ray task / trial error, if there is one."""
     seen = 0
     while isinstance(e, BaseException) and seen < 10:
-        if isinstance(e, OvssError):
-            return e
         # RayTaskError.cause is the task's exception; RayActorError's may be a protobuf
         # context or text (OOM kills, dead workers): follow exceptions only.
         try:
             cause = getattr(e, "cause", None)
         except Exception:  # a Ray dual exception's __getattr__ without its cause: recursion
             cause = None
+        # RayTaskError(OvssError) is an OvssError too, but its text is the remote traceback.
+        if isinstance(e, OvssError) and not isinstance(cause, OvssError):
+            return e
         e = cause if isinstance(cause, BaseException) else e.__cause__
         seen += 1
     return None
@@ -62,6 +63,9 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
             except Exception as e:
                 for ref in pending:
                     ray.cancel(ref)
+                # Let the cancelled tasks end (their cache writes clean up) before Ray stops.
+                if pending:
+                    ray.wait(pending, num_returns=len(pending), timeout=30)
                 user = _user_error(e)
                 if user is not None:
                     raise OvssError(str(user)) from None
