@@ -10,6 +10,7 @@ one) and ``<out stem>_overlay.png``. From Python: ``methods.load_segmenter(path)
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -84,6 +85,7 @@ def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -
     backbone = config["backbone"] if isinstance(config["backbone"], Mapping) else {}
     bb = spec.backbones.get(str(backbone.get("name")))
     defaults = {**spec.defaults, **(bb.defaults if bb else {})}
+    space = {**spec.space, **(bb.space if bb else {})}
     lacking = [k for k in defaults if k not in params]
     if lacking:
         raise OvssError(f"{where}: params lack knob(s) {', '.join(lacking)} of method {method}")
@@ -91,8 +93,15 @@ def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -
     if foreign:
         raise OvssError(f"{where}: {', '.join(map(str, foreign))} is not a knob of method "
                         f"{method} (a config of another method?)")
-    for k, v in params.items():
-        check_knob_value(k, v, defaults[k], None, f"{where}: params.{k}")
+    for k, v in params.items():  # the kind only: a --set value may lie outside the space
+        check_knob_value(k, v, defaults[k], _kind_only(space.get(k)), f"{where}: params.{k}")
+
+
+def _kind_only(param):
+    """A space entry widened to its whole type (int / float), so only the kind is checked."""
+    if param is None or param.type == "categorical":
+        return None
+    return param.model_copy(update={"low": -math.inf, "high": math.inf, "log": False})
 
 
 def check_device(device: str) -> str:
