@@ -623,3 +623,23 @@ def test_subprocess_error_is_one_line(workdir, voc_root, module, argv, name):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], lines
     assert not (workdir / "o.png").exists() and not (workdir / "mlflow.db").exists()
+
+
+def test_every_config_a_search_can_export_passes_the_tuned_config_check():
+    """The positive side of the infer cases: for every shipped method and backbone, the defaults
+    and 20 random points of the space (as the search exports them) are accepted."""
+    from methods import METHODS
+    from methods.infer import check_tuned_config
+    from search.config import load_method_spec, resolve
+    from search.space import full_params, sample_value
+
+    rng = np.random.default_rng(0)
+    for method in METHODS:
+        spec = load_method_spec(method)
+        for name in spec.backbones:
+            r = resolve(spec, name)
+            for _ in range(20):
+                params = full_params(r.defaults, {k: sample_value(p, rng)
+                                                  for k, p in r.space.items()})
+                check_tuned_config({"method": method, "backbone": r.backbone,
+                                    "settings": r.settings, "params": params})
