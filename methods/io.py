@@ -48,9 +48,13 @@ def check_image_pixels(path: str | os.PathLike, width: int, height: int,
     """OvssError naming ``path`` when ``width x height`` is above :func:`max_image_pixels`."""
     limit = max_image_pixels()
     if width * height > limit:
-        raise OvssError(f"{what} {path} is {width}x{height} ({width * height / 1e6:.1f} MP), "
-                        f"above the limit of {limit / 1e6:.1f} MP: downscale it (or raise "
+        raise OvssError(f"{what} {path} is {width}x{height} ({_pixels(width * height)}), "
+                        f"above the limit of {_pixels(limit)}: downscale it (or raise "
                         "$OVSS_MAX_IMAGE_PIXELS)")
+
+
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.1f} MP" if n >= 100_000 else f"{n} pixels"
 
 
 def _open(path: str | os.PathLike, what: str) -> Image.Image:

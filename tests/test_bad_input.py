@@ -272,7 +272,7 @@ def _(w):
 @case("dataset-image-above-env-limit")
 def _(w):
     w.monkeypatch.setenv("OVSS_MAX_IMAGE_PIXELS", "5000")
-    return w.toy(), ("2007_000000.jpg", "limit of 0.0 MP")
+    return w.toy(), ("2007_000000.jpg", "limit of 5000 pixels")
 
 
 @case("dataset-label-values-outside-classes")
