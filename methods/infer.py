@@ -10,7 +10,6 @@ one) and ``<out stem>_overlay.png``. From Python: ``methods.load_segmenter(path)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -94,14 +93,7 @@ def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -
         raise OvssError(f"{where}: {', '.join(map(str, foreign))} is not a knob of method "
                         f"{method} (a config of another method?)")
     for k, v in params.items():  # the kind only: a --set value may lie outside the space
-        check_knob_value(k, v, defaults[k], _kind_only(space.get(k)), f"{where}: params.{k}")
-
-
-def _kind_only(param):
-    """A space entry widened to its whole type (int / float), so only the kind is checked."""
-    if param is None or param.type == "categorical":
-        return None
-    return param.model_copy(update={"low": -math.inf, "high": math.inf, "log": False})
+        check_knob_value(k, v, defaults[k], space.get(k), f"{where}: params.{k}", kind_only=True)
 
 
 def check_device(device: str) -> str:

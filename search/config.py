@@ -283,10 +283,16 @@ def _is_number(v: Any) -> bool:
 
 
 def check_knob_value(knob: str, value: Any, default: Any, param: SpaceParam | None,
-                     where: str) -> Any:
+                     where: str, kind_only: bool = False) -> Any:
     """``value`` for ``knob`` (a fixed knob, or a tuned config's param), checked against the
-    knob's space when it has one, else against the kind of its default. Returns the value
-    (an int given for a float knob becomes a float); OvssError naming the knob otherwise."""
+    knob's space when it has one (only its int / float type with ``kind_only``), else against
+    the kind of its default. Returns the value (an int given for a float knob becomes a float);
+    OvssError naming the knob otherwise."""
+    if kind_only and isinstance(param, CategoricalParam):
+        param = None
+    where_in = ""
+    if isinstance(param, (IntParam, FloatParam)) and not kind_only:
+        where_in = f" in [{param.low:g}, {param.high:g}]"
     if isinstance(param, CategoricalParam):
         if value not in param.choices:
             raise OvssError(f"{where}={value!r}: knob {knob} takes one of "
@@ -294,13 +300,13 @@ def check_knob_value(knob: str, value: Any, default: Any, param: SpaceParam | No
         return value
     if isinstance(param, IntParam):
         if not (isinstance(value, int) and not isinstance(value, bool)):
-            raise OvssError(f"{where}={value!r}: knob {knob} takes an integer in "
-                            f"[{param.low}, {param.high}]")
+            raise OvssError(f"{where}={value!r}: knob {knob} takes an integer{where_in}")
     if isinstance(param, FloatParam):
         if not _is_number(value):
-            raise OvssError(f"{where}={value!r}: knob {knob} takes a number in "
-                            f"[{param.low:g}, {param.high:g}]")
+            raise OvssError(f"{where}={value!r}: knob {knob} takes a number{where_in}")
         value = float(value)
+    if param is not None and kind_only:
+        return value
     if param is not None:
         if not param.contains(value):
             raise OvssError(f"{where}={value!r}: knob {knob} lies outside its search space "
