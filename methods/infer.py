@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from methods import get_segmenter_class
+from methods import get_segmenter_class, method_module_name
 from methods.base import ClassSet, OvssError, check_image
 
 REQUIRED = ("method", "backbone", "settings", "params")
@@ -28,12 +28,11 @@ REQUIRED = ("method", "backbone", "settings", "params")
 class TunedSegmenter:
     """A segmenter with its tuned knobs: ``seg(image, ["cat", "dog"]) -> HxW int64``."""
 
-    def __init__(self, config: Mapping[str, Any], device: str | None = None):
-        missing = [k for k in REQUIRED if k not in config]
-        if missing:
-            raise OvssError(f"tuned config lacks {', '.join(missing)}")
+    def __init__(self, config: Mapping[str, Any], device: str | None = None,
+                 where: str = "tuned config"):
+        check_tuned_config(config, where)
         self.config = dict(config)
-        self.device = device or ("cuda" if _cuda() else "cpu")
+        self.device = check_device(device) if device else ("cuda" if _cuda() else "cpu")
         cls = get_segmenter_class(config["method"])
         self.segmenter = cls.from_spec(config["backbone"], config["settings"], self.device)
         self.params = dict(config["params"])
@@ -52,7 +51,7 @@ class TunedSegmenter:
                             f"({str(e).splitlines()[0]})") from None
         if not isinstance(config, dict):
             raise OvssError(f"tuned config {path}: expected a mapping")
-        return cls(config, device)
+        return cls(config, device, where=f"tuned config {path}")
 
     def class_set(self, classes: Sequence[str] | ClassSet) -> ClassSet:
         if isinstance(classes, ClassSet):
@@ -64,6 +63,57 @@ class TunedSegmenter:
         image = check_image(image)
         cs = self.class_set(classes)
         return np.asarray(self.segmenter.segment(image, cs, self.params, present))
+
+
+def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -> None:
+    """Before any weights load: the method is known and ``params`` holds exactly its knobs
+    (``conf/methods/<method>.yaml`` defaults), each of the kind of its default. A config of
+    another method, or of an older spec, fails here naming the knob."""
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise OvssError(f"{where} lacks {', '.join(missing)}")
+    method, params = config["method"], config["params"]
+    if not isinstance(method, str):
+        raise OvssError(f"{where}: method must be a name, got {method!r}")
+    method_module_name(method)  # unknown method: one line naming the known ones (no import)
+    if not isinstance(params, Mapping):
+        raise OvssError(f"{where}: params must be a mapping of knob: value")
+    from search.config import check_knob_value, load_method_spec
+
+    spec = load_method_spec(method)
+    backbone = config["backbone"] if isinstance(config["backbone"], Mapping) else {}
+    bb = spec.backbones.get(str(backbone.get("name")))
+    defaults = {**spec.defaults, **(bb.defaults if bb else {})}
+    space = {**spec.space, **(bb.space if bb else {})}
+    lacking = [k for k in defaults if k not in params]
+    if lacking:
+        raise OvssError(f"{where}: params lack knob(s) {', '.join(lacking)} of method {method}")
+    foreign = [k for k in params if k not in defaults]
+    if foreign:
+        raise OvssError(f"{where}: {', '.join(map(str, foreign))} is not a knob of method "
+                        f"{method} (a config of another method?)")
+    for k, v in params.items():  # the kind only: a --set value may lie outside the space
+        check_knob_value(k, v, defaults[k], space.get(k), f"{where}: params.{k}", kind_only=True)
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` that torch can use here; OvssError naming it otherwise."""
+    import torch
+
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not _cuda():
+            raise OvssError(f"--device {device}: no CUDA GPU is visible here "
+                            "(torch.cuda.is_available() is False); use --device cpu")
+        n = torch.cuda.device_count()
+        if device != "cuda" and int(device[5:]) >= n:
+            raise OvssError(f"--device {device}: only {n} CUDA GPU(s) are visible "
+                            f"(cuda:0..cuda:{n - 1})")
+        return device
+    if device == "mps" and torch.backends.mps.is_available():
+        return device
+    raise OvssError(f"--device {device!r}: choose cpu, cuda or cuda:N")
 
 
 def _cuda() -> bool:
@@ -119,9 +169,14 @@ def save_label_map(label_map: np.ndarray, path: str | os.PathLike) -> None:
     save_png(lm.astype(np.uint8) if lm.max(initial=0) < 256 else lm.astype(np.uint16), path)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error of the CLIs
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m methods.infer",
-                                description="Segment an image with a tuned config.")
+    p = _OneLineParser(prog="python -m methods.infer",
+                       description="Segment an image with a tuned config.")
     p.add_argument("--config", required=True, help="exported YAML (python -m search.export)")
     p.add_argument("--image", required=True, help="input image (jpg, png, ...)")
     p.add_argument("--classes", required=True, help='comma-separated class names: "cat,dog"')
@@ -134,11 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [c.strip() for c in args.classes.split(",") if c.strip()]
         if not names:
             raise OvssError("--classes is empty: give at least one class name")
-        image = load_image(args.image)
+        out = Path(args.out)
+        if out.is_dir() or out.suffix.lower() != ".png":
+            raise OvssError(f"--out {out}: give a .png file path (the label map is a PNG)")
+        if args.device:
+            check_device(args.device)
+        image = load_image(args.image)  # corrupt, or above the pixel limit: refused here
         seg = TunedSegmenter.from_file(args.config, args.device)
         cs = seg.class_set(names)
         pred = seg(image, cs)
-        out = Path(args.out)
         save_label_map(pred, out)
         save_png(overlay(image, pred), out.with_name(out.stem + "_overlay.png"))
     except OvssError as e:

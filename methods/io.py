@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,41 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError,
                 Image.DecompressionBombError)
 #: EXIF orientations (tag 0x0112) that swap width and height.
 _TRANSPOSED = (5, 6, 7, 8)
+#: Largest image read (width x height): 8192 x 8192 = 67 MP. Above every benchmark image
+#: (Cityscapes 2 MP) and most cameras; one HxW int64 label map of it is 512 MiB. A file that
+#: declares more (a decompression bomb: a few KB of zlib that inflate to GBs) is refused from
+#: its header, before any pixel is decoded. ``$OVSS_MAX_IMAGE_PIXELS`` changes it (PIL itself
+#: refuses above 179 MP whatever it is).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``$OVSS_MAX_IMAGE_PIXELS`` if set, else :data:`MAX_IMAGE_PIXELS`."""
+    raw = os.environ.get("OVSS_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise OvssError(f"OVSS_MAX_IMAGE_PIXELS={raw!r}: expected a whole number of pixels") \
+            from None
+    if value < 1:
+        raise OvssError(f"OVSS_MAX_IMAGE_PIXELS={raw!r}: must be at least 1")
+    return value
+
+
+def check_image_pixels(path: str | os.PathLike, width: int, height: int,
+                       what: str = "image") -> None:
+    """OvssError naming ``path`` when ``width x height`` is above :func:`max_image_pixels`."""
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise OvssError(f"{what} {path} is {width}x{height} ({_pixels(width * height)}), "
+                        f"above the limit of {_pixels(limit)}: downscale it (or raise "
+                        "$OVSS_MAX_IMAGE_PIXELS)")
+
+
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.1f} MP" if n >= 100_000 else f"{n} pixels"
 
 
 def _open(path: str | os.PathLike, what: str) -> Image.Image:
@@ -40,7 +76,14 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
         reason = "is a directory" if p.is_dir() else "no such file"
         raise OvssError(f"cannot read {what} {p}: {reason}")
     try:
-        img = Image.open(p)
+        with warnings.catch_warnings():  # ours is the one pixel check (and one line of output)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(p)
+        try:
+            check_image_pixels(p, *img.size, what=what)
+        except OvssError:
+            img.close()
+            raise
         img.load()
     except _READ_ERRORS as e:
         raise OvssError(f"cannot read {what} {p}: {_reason(e)}") from None
@@ -93,8 +136,12 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` of the image as ``load_image`` returns it, read from the header only."""
     p = Path(path)
     try:
-        with Image.open(p) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(p)
+        with img:
             w, h = img.size
+            check_image_pixels(p, w, h)
             orientation = img.getexif().get(0x0112, 1)
     except FileNotFoundError:
         raise OvssError(f"cannot read image {p}: no such file") from None

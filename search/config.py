@@ -8,6 +8,7 @@ none of them.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,6 +123,15 @@ class MethodSpec(_Strict):
     defaults: dict[str, Any] = Field(min_length=1)
     space: dict[str, SpaceParam] = Field(default_factory=dict)
     presets: dict[str, Preset] = Field(default_factory=dict)
+    #: Loading fields ``--set backbone.<field>`` may give beyond those the backbones above use
+    #: (every method also takes ``path``: a local copy of the weights).
+    backbone_fields: list[str] = Field(default_factory=list)
+
+    def known_backbone_fields(self) -> list[str]:
+        fields = {"path", *self.backbone_fields}
+        for bb in self.backbones.values():
+            fields.update(bb.model_extra or {})
+        return sorted(fields)
 
     @model_validator(mode="after")
     def _check(self) -> MethodSpec:
@@ -227,6 +237,7 @@ def _apply_override(spec, key, value, settings, defaults, space, loading) -> Non
     parts = key.split(".")
     try:
         if len(parts) == 1 and key in defaults:
+            value = check_knob_value(key, value, defaults[key], space.get(key), f"--set {key}")
             defaults[key] = value          # a fixed knob is no longer searched
             space.pop(key, None)
             return
@@ -242,9 +253,10 @@ def _apply_override(spec, key, value, settings, defaults, space, loading) -> Non
             space[knob] = _SPACE_ADAPTER.validate_python(data)
             return
         if parts[0] == "settings" and len(parts) == 2 and parts[1] in settings:
-            settings[parts[1]] = value
+            settings[parts[1]] = _check_setting(key, value, settings[parts[1]])
             return
         if parts[0] == "backbone" and len(parts) == 2:
+            _check_backbone_field(spec, parts[1])
             loading[parts[1]] = value
             return
     except ValidationError as e:
@@ -252,6 +264,92 @@ def _apply_override(spec, key, value, settings, defaults, space, loading) -> Non
     raise OvssError(
         f"unknown --set key {key!r}: use a knob ({', '.join(defaults)}), space.<knob>.<field>, "
         f"settings.<name> ({', '.join(settings) or 'none'}) or backbone.<field>")
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true or false"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if isinstance(v, str):
+        return "text"
+    return f"a {type(v).__name__}"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_knob_value(knob: str, value: Any, default: Any, param: SpaceParam | None,
+                     where: str, kind_only: bool = False) -> Any:
+    """``value`` for ``knob`` (a fixed knob, or a tuned config's param), checked against the
+    knob's space when it has one (only its int / float type with ``kind_only``), else against
+    the kind of its default. Returns the value (an int given for a float knob becomes a float);
+    OvssError naming the knob otherwise."""
+    if kind_only and isinstance(param, CategoricalParam):
+        param = None
+    where_in = ""
+    if isinstance(param, (IntParam, FloatParam)) and not kind_only:
+        where_in = f" in [{param.low:g}, {param.high:g}]"
+    if isinstance(param, CategoricalParam):
+        if value not in param.choices:
+            raise OvssError(f"{where}={value!r}: knob {knob} takes one of "
+                            f"{', '.join(map(str, param.choices))}")
+        return value
+    if isinstance(param, IntParam):
+        if not (isinstance(value, int) and not isinstance(value, bool)):
+            raise OvssError(f"{where}={value!r}: knob {knob} takes an integer{where_in}")
+    if isinstance(param, FloatParam):
+        if not _is_number(value):
+            raise OvssError(f"{where}={value!r}: knob {knob} takes a number{where_in}")
+        value = float(value)
+    if param is not None and kind_only:
+        return value
+    if param is not None:
+        if not param.contains(value):
+            raise OvssError(f"{where}={value!r}: knob {knob} lies outside its search space "
+                            f"[{param.low:g}, {param.high:g}]")
+        return value
+    if default is None:
+        return value
+    if _is_number(default) and _is_number(value) and not isinstance(default, bool):
+        if isinstance(default, int) and not isinstance(value, int):
+            raise OvssError(f"{where}={value!r}: knob {knob} takes an integer "
+                            f"(its default is {default!r})")
+        return float(value) if isinstance(default, float) else value
+    if _kind(value) != _kind(default):
+        raise OvssError(f"{where}={value!r}: knob {knob} takes {_kind(default)} "
+                        f"(its default is {default!r})")
+    return value
+
+
+def _check_setting(key: str, value: Any, current: Any) -> Any:
+    """A ``--set settings.<name>`` value must be of the kind of the YAML's value (a number for a
+    number, true/false for a flag, ...); a number given for a text setting becomes text."""
+    if current is None:
+        return value
+    if isinstance(current, str) and _is_number(value):
+        return str(value)
+    if _is_number(current) and _is_number(value):
+        if isinstance(current, int) and not isinstance(value, int):
+            raise OvssError(f"--set {key}={value!r}: takes an integer (now {current!r})")
+        return value
+    if isinstance(value, float) and not math.isfinite(value) and _is_number(current):
+        raise OvssError(f"--set {key}={value!r}: takes a finite number (now {current!r})")
+    if _kind(value) != _kind(current):
+        raise OvssError(f"--set {key}={value!r}: takes {_kind(current)} (now {current!r})")
+    return value
+
+
+def _check_backbone_field(spec: MethodSpec, field: str) -> None:
+    if field == "name":
+        raise OvssError("--set backbone.name: choose the backbone with --backbone")
+    known = spec.known_backbone_fields()
+    if field not in known:
+        raise OvssError(f"--set backbone.{field}: method {spec.method} backbones have no field "
+                        f"{field!r} (fields: {', '.join(known)})")
 
 
 from pydantic import TypeAdapter  # noqa: E402

@@ -90,7 +90,7 @@ def fault_point(name: str) -> None:
             time.sleep(1)
 
 
-def resume_target(client, exp_name: str, plan) -> str | None:
+def resume_target(exp_name: str, plan) -> str | None:
     """With ``--resume``: the parent run of the search to continue, or a one-line refusal when
     there is none, or it finished with no failed trial to re-run. Runs before Ray starts and
     writes nothing."""
@@ -99,7 +99,14 @@ def resume_target(client, exp_name: str, plan) -> str | None:
     if not plan.args.resume:
         return None
     where = f"in the MLflow store {plan.tracking_uri}"
-    exp = client.get_experiment_by_name(exp_name)
+    db = plan.tracking_uri.removeprefix("sqlite:///")
+    if plan.tracking_uri.startswith("sqlite:///") and not Path(db).is_file():
+        exp = None   # no store yet: nothing to resume (and opening it would create the file)
+    else:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(plan.tracking_uri)
+        exp = client.get_experiment_by_name(exp_name)
     run = tracking.previous_search(client, exp.experiment_id, plan.name) if exp else None
     if run is None:
         raise OvssError(f"--resume: no search named {plan.name!r} {where}: run it without "
@@ -129,10 +136,9 @@ def run_search(plan) -> str:
     r = plan.resolved
     check_tracking_store(plan.tracking_uri)
     check_ray_address(args.address)
-    client = MlflowClient(plan.tracking_uri)
     exp_name = tracking.experiment_name(r.method, r.backbone_name, plan.dataset_name)
     try:
-        reopen = resume_target(client, exp_name, plan)
+        reopen = resume_target(exp_name, plan)
     except OvssError:
         raise
     except Exception as e:
@@ -156,6 +162,7 @@ def run_search(plan) -> str:
             device=device)
         ctx.settings_key = _settings_key(ctx)
 
+        client = MlflowClient(plan.tracking_uri)   # (creates a sqlite store's file)
         try:
             exp_id = tracking.ensure_experiment(client, exp_name)
         except Exception as e:

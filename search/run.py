@@ -21,10 +21,17 @@ from methods.base import OvssError
 REWARDS = ("miou", "clip")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: ...``, exit 2) like every other."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from methods import known_methods
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m search.run",
         description="Search the knobs of a training-free OVSS method with Ray Tune + Optuna, "
                     "logging every trial to MLflow.")
@@ -110,6 +117,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
     from search.tracking import default_tracking_uri
     from search.trial import ImageItem
 
+    _check_flags(args)
     spec = cfg.load_method_spec(args.method)
     preset = None
     if args.preset:
@@ -175,11 +183,51 @@ def plan_search(args: argparse.Namespace) -> Plan:
     tracking_uri = args.tracking_uri or default_tracking_uri()
     name = args.name or f"{args.method}-{resolved.backbone_name}-{dataset}-{args.reward}"
     work = Path(".ovss")
-    return Plan(args=args, resolved=resolved, dataset_name=dataset, data_kwargs=data_kwargs,
+    plan = Plan(args=args, resolved=resolved, dataset_name=dataset, data_kwargs=data_kwargs,
                 classes=data.classes, items=items, rungs=rungs, reward=reward,
                 num_samples=num_samples, tracking_uri=tracking_uri,
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
                 storage=Path(args.storage or work / "ray_results").resolve(), name=name)
+    return plan
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags, names and paths, before anything is read: OvssError naming the flag."""
+    def at_least_1(flag: str, v: int | None, unset: str) -> None:
+        if v is not None and v < 1:
+            raise OvssError(f"{flag} {v}: must be at least 1 ({unset})")
+
+    at_least_1("--num-samples", args.num_samples, "the number of trials")
+    at_least_1("--max-images", args.max_images, "leave it out to tune on every image")
+    at_least_1("--rungs", args.rungs, "1 scores every trial on every image")
+    at_least_1("--max-concurrent", args.max_concurrent,
+               "leave it out to run as many trials as the cluster's resources allow")
+    for flag, v, least in [("--cpus-per-trial", args.cpus_per_trial, "positive"),
+                           ("--gpus-per-trial", args.gpus_per_trial, "0 or more")]:
+        if not math.isfinite(v) or v < 0 or (v == 0 and flag == "--cpus-per-trial"):
+            raise OvssError(f"{flag} {v:g}: must be a finite number, {least}")
+        if 0 < v < 1e-4:  # Ray's resource precision
+            raise OvssError(f"{flag} {v:g}: fractions finer than 0.0001 are not possible")
+    if not 0 <= args.seed < 2 ** 32:
+        raise OvssError(f"--seed {args.seed}: must be in [0, 2**32)")
+    if args.name is not None:
+        n = args.name
+        if (not n.strip() or n != n.strip() or n.startswith(".") or "/" in n or "\\" in n
+                or not n.isprintable() or len(n) > 200):
+            raise OvssError(f"--name {n!r}: a search name is one plain file name (no '/', no "
+                            "leading '.', printable, at most 200 characters)")
+    if args.tracking_uri:
+        from urllib.parse import urlparse
+
+        scheme = urlparse(args.tracking_uri).scheme.split("+")[0].lower()
+        known = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https",
+                 "databricks")
+        if scheme not in known and len(scheme) != 1:  # (one letter: a Windows drive)
+            raise OvssError(f"--tracking-uri {args.tracking_uri}: unknown scheme {scheme!r} "
+                            f"(use one of {', '.join(k for k in known if k)})")
+    for flag, d in [("--cache-dir", args.cache_dir), ("--storage", args.storage)]:
+        if d and Path(d).exists() and not Path(d).is_dir():
+            raise OvssError(f"{flag} {d}: is a file, not a directory")
 
 
 def _rungs(n: int, k: int) -> list[int]:

@@ -20,10 +20,17 @@ from methods.base import OvssError
 def _user_error(e: BaseException) -> OvssError | None:
     """The OvssError inside a Ray task / trial error, if there is one."""
     seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OvssError):
+    while isinstance(e, BaseException) and seen < 10:
+        # RayTaskError.cause is the task's exception; RayActorError's may be a protobuf
+        # context or text (OOM kills, dead workers): follow exceptions only.
+        try:
+            cause = getattr(e, "cause", None)
+        except Exception:  # a Ray dual exception's __getattr__ without its cause: recursion
+            cause = None
+        # RayTaskError(OvssError) is an OvssError too, but its text is the remote traceback.
+        if isinstance(e, OvssError) and not isinstance(cause, OvssError):
             return e
-        e = getattr(e, "cause", None) or e.__cause__
+        e = cause if isinstance(cause, BaseException) else e.__cause__
         seen += 1
     return None
 
@@ -57,10 +64,12 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
     task = ray.remote(_extract_task).options(num_cpus=cpus, num_gpus=gpus,
                                              max_retries=EXTRACT_RETRIES,
                                              retry_exceptions=False)
-    import dataclasses
+    import copy
 
     # Extraction runs the model on the extraction tasks' own device, not the trials'.
-    ctx_ref = ray.put(dataclasses.replace(ctx, device="cuda" if gpus > 0 else "cpu"))
+    ectx = copy.copy(ctx)
+    ectx.device = "cuda" if gpus > 0 else "cpu"
+    ctx_ref = ray.put(ectx)
     pending = [task.remote(ctx_ref, it) for it in todo]
     nodes: set[str] = set()
     with tqdm(total=len(pending), desc="extract", unit="img", file=sys.stderr) as bar:
@@ -72,6 +81,9 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
             except Exception as e:
                 for ref in pending:
                     ray.cancel(ref)
+                # Let the cancelled tasks end (their cache writes clean up) before Ray stops.
+                if pending:
+                    ray.wait(pending, num_returns=len(pending), timeout=30)
                 user = _user_error(e)
                 if user is not None:
                     raise OvssError(str(user)) from None

@@ -180,6 +180,7 @@ ALLOWED = {
     ("search/data/synthetic.py", "make_dataset"): "renames that directory into place at once",
     ("methods/open_clip_backbone.py", "tiny_model_name"): "a tiny config in a mkdtemp directory",
     ("methods/pnp/presence.py", "_register_tiny"): "a tiny config in a mkdtemp directory",
+    ("bench/search.py", "main"): "a random-weight checkpoint in the bench's temporary directory",
 }
 
 

@@ -172,6 +172,16 @@ class SegDataset:
         return list(self._present[rec.id])
 
 
+def _check_listed_id(image_id: str, split_file: Path, line: int) -> None:
+    """A split list names images inside the data root: no absolute path, no ``..``, no
+    drive or home prefix (checked on the text, so a data root that is itself a link works)."""
+    parts = image_id.replace("\\", "/").split("/")
+    if (image_id.startswith(("/", "\\", "~")) or ".." in parts or ":" in parts[0]
+            or "\0" in image_id):
+        raise OvssError(f"split file {split_file} line {line}: {image_id!r} points outside the "
+                        "data root (give image ids, not paths)")
+
+
 def _list_records(spec: DatasetSpec, root: Path, split: str) -> list[Record]:
     layout = LAYOUTS[spec.layout]
     where = spec.splits.get(split, "")
@@ -188,6 +198,9 @@ def _list_records(spec: DatasetSpec, root: Path, split: str) -> list[Record]:
         ids = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
         if not ids:
             raise OvssError(f"split file {split_file} lists no images")
+        for n, line in enumerate(split_file.read_text().splitlines(), 1):
+            if line.strip():
+                _check_listed_id(line.strip(), split_file, n)
         suffix = layout.image_suffixes[0]
         records = [Record(i, image_dir / f"{i}{suffix}", label_dir / f"{i}{layout.label_suffix}")
                    for i in ids]
