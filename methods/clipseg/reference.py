@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ClassSet, check_image
+from methods.clipseg.family import attend, fixed_outputs, naclip_probs
 from methods.clipseg.formulas import (
     coherence_residual_attention,
     deep_layer_output,
@@ -26,7 +27,6 @@ from methods.clipseg.formulas import (
     key_gram,
     relation_attention,
 )
-from methods.clipseg.family import attend, fixed_outputs, naclip_probs
 from methods.clipseg.segmenter import (
     ClipSegSegmenter,
     labels_from_probs,
