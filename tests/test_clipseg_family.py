@@ -17,6 +17,7 @@ from methods.base import ClassSet
 from methods.clipseg import SEGMENTER
 from methods.clipseg.protocols import PROTOCOLS, profile, reference_names
 from methods.clipseg.reference import full_forward_labels, full_forward_probs
+from methods.clipseg.segmenter import VARIANTS
 
 TINY = {"name": "tiny4", "tiny": {"width": 64, "layers": 4, "heads": 4, "patch_size": 8,
                                   "image_size": 32}}
@@ -223,7 +224,7 @@ def test_protocol_decode_equals_full_forward(protocol, image):
         assert names == 21 and ev.meta["bg_mode"] == "query"
     else:
         assert ev.meta["bg_mode"] == "threshold"
-    for att in ("cra", "naclip", "sclip", "qk"):
+    for att in VARIANTS:                                  # every variant x every protocol
         p = params(attention=att, bg_threshold=0.06)
         want = full_forward_probs(s, img, classes, p)
         assert (s.decode_probs(ev, p) - want).abs().max().item() < 1e-4

@@ -17,7 +17,8 @@ class-name lists are embedded. Sources (file and line) are in docs/clipseg.md.
   run on the whole image (``slide_crop=0``).
 - ``clearclip``: mc-lan/ClearCLIP configs and segmentor defaults; names from its
   ``configs/cls_*.txt`` (no synonyms, class 0 is the query ``background``).
-- ``custom``: nothing applied; the plain settings.
+- ``custom``: the plain settings; unset ones take 448 / 224 / 112, logit scale 40 and our
+  threshold rule (clipseg's settings before the protocols existed).
 
 Background by a query (``background: query``): class 0 is embedded from its names, the softmax
 runs over all names including class 0's, a class's probability is its best name's, SCLIP's
@@ -85,7 +86,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "coco_object": {**_QUERY, "prob_threshold": 0.4},
         "cityscapes": {"window": 224, "stride": 224},
     },
-    "custom": {"base": {}},
+    # the plain settings; what is still unset takes the values clipseg used before protocols
+    "custom": {"base": {"short_side": 448, "window": 224, "stride": 112, "logit_scale": 40.0,
+                        "background": "threshold"}},
 }
 
 
