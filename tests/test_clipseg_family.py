@@ -250,3 +250,53 @@ def test_sclip_area_rule_matches_loops():
             want[i, j] = 0 if vals[best] < 0.3 else best
     assert np.array_equal(got, want)
     assert 0 in keep                                    # the rule removed a class
+
+
+# --- a search over the variants, its export, and inference with each variant ----------------
+@pytest.mark.slow
+def test_smoke_search_samples_the_variants_exports_and_infers(ray_session, workdir):
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from methods.infer import main as infer_main
+    from search.export import main as export_main
+    from search.run import main as run_main
+
+    assert run_main(["--method", "clipseg", "--preset", "smoke", "--num-samples", "12",
+                     "--set", "settings.protocol=sclip"]) == 0
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = [e for e in client.search_experiments() if e.name.startswith("clipseg/")][0]
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
+    assert len(trials) >= 12 and {t.info.status for t in trials} == {"FINISHED"}
+    sampled = {t.data.params.get("attention") for t in trials}
+    family = sampled & {"clearclip", "sclip", "naclip", "maskclip"}
+    assert len(sampled) >= 4 and family, sampled
+    out = workdir / "tuned.yaml"
+    assert export_main(["--method", "clipseg", "--tracking-uri", uri, "--out", str(out)]) == 0
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg["settings"]["protocol"] == "sclip"
+    image = sorted((workdir / ".ovss" / "smoke" / "voc21" / "JPEGImages").iterdir())[0]
+    for variant in VARIANTS:                               # inference runs each variant
+        one = workdir / f"tuned-{variant}.yaml"
+        one.write_text(yaml.safe_dump({**cfg, "params": {**cfg["params"],
+                                                         "attention": variant}}))
+        png = workdir / f"pred-{variant}.png"
+        assert infer_main(["--config", str(one), "--image", str(image), "--classes",
+                           "cat,dog,person", "--out", str(png)]) == 0
+        pred = np.array(Image.open(png))
+        assert pred.shape == Image.open(image).size[::-1] and pred.max() <= 3
+
+
+def test_reference_names_only_for_the_data_sets_own_class_set():
+    from methods.clipseg.protocols import class_prompts
+
+    st = {"names": "sclip", "dataset": "voc21"}
+    own = ClassSet.from_names(["cat", "dog"], background=True)
+    assert class_prompts(st, own.names, own.prompts) == own.prompts
+    voc = tuple(f"c{i}" for i in range(21))
+    assert class_prompts(st, voc, tuple((n,) for n in voc))[15][1] == "person in shirt"
+    assert class_prompts({"names": None, "dataset": "voc21"}, own.names, own.prompts) == \
+        own.prompts

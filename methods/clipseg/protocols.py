@@ -123,13 +123,11 @@ def reference_names(source: str, dataset: str) -> tuple[tuple[str, ...], ...]:
 
 def class_prompts(settings: Mapping[str, Any], names: tuple[str, ...],
                   prompts: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
-    """The names to embed per class: the reference list when the protocol names one and the
-    data set is known with the same number of classes, else the class set's own prompts."""
+    """The names to embed per class: the reference list when the protocol names one, the data
+    set is known and the class set has its number of classes; else the class set's own prompts
+    (e.g. inference with a tuned config on the user's own classes)."""
     source, dataset = settings.get("names"), settings.get("dataset")
     if not source or dataset not in NAME_FILES:
         return prompts
     ref = reference_names(str(source), str(dataset))
-    if len(ref) != len(names):
-        raise OvssError(f"clipseg: protocol names {source}/{dataset} list {len(ref)} classes, "
-                        f"the class set has {len(names)}")
-    return ref
+    return ref if len(ref) == len(names) else prompts
