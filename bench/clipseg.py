@@ -9,7 +9,8 @@ the output gives decode ms per variant.
 The model is open_clip 'ViT-B-16' (the real-size architecture, random weights: no download).
 Images are 375 x 500 (Pascal VOC's usual size), resized to short side 448: with the default
 ``--protocol custom`` 15 windows of 224 px with stride 112 (the largest evidence of the family's
-geometries at 448; ``--protocol cra`` is 2 windows of 448 px). Classes: the 20 VOC names + background. Trial 0 is the paper's defaults, the
+geometries at 448; ``--protocol cra`` is 2 windows of 448 px). Classes: the 20 VOC names +
+background. Trial 0 is the paper's defaults, the
 other trials are sampled from conf/methods/clipseg.yaml's space with a seeded RNG.
 
 - ours:  extract each image once, then decode every trial (evidence in float16).
