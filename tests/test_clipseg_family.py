@@ -300,3 +300,22 @@ def test_reference_names_only_for_the_data_sets_own_class_set():
     assert class_prompts(st, voc, tuple((n,) for n in voc))[15][1] == "person in shirt"
     assert class_prompts({"names": None, "dataset": "voc21"}, own.names, own.prompts) == \
         own.prompts
+
+
+def test_one_flag_selects_a_protocol_with_its_per_data_set_values():
+    from methods.clipseg.protocols import apply_protocol
+    from search.config import load_method_spec, resolve
+
+    spec = load_method_spec("clipseg")
+    r = resolve(spec, dataset="voc21", overrides={"settings.protocol": "sclip"})
+    s = apply_protocol(r.settings)
+    assert (s["short_side"], s["window"], s["logit_scale"], s["background"]) == \
+        (336, 224, 65.0, "query")
+    r = resolve(spec, dataset="voc21", preset=spec.presets["clearclip"])
+    assert apply_protocol(r.settings)["prob_threshold"] == 0.5
+    r = resolve(spec, dataset="cityscapes")                     # default: the CRA protocol
+    s = apply_protocol(r.settings)
+    assert (s["protocol"], s["short_side"], s["window"], s["stride"]) == ("cra", 448, 448, 224)
+    r = resolve(spec, dataset="voc21", overrides={"settings.protocol": "sclip",
+                                                  "settings.short_side": 448})
+    assert apply_protocol(r.settings)["short_side"] == 448      # an explicit setting wins
