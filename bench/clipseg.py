@@ -3,9 +3,14 @@
     python bench/clipseg.py                    # 8 images, 64 trials (3-4 min, 1 thread)
     python bench/clipseg.py --images 2 --trials 8 --naive-trials 1     # quick look
 
+Trials sample every ``attention`` variant of the YAML (the CRA rows and the family's blocks);
+the output gives decode ms per variant.
+
 The model is open_clip 'ViT-B-16' (the real-size architecture, random weights: no download).
-Images are 375 x 500 (Pascal VOC's usual size), resized to short side 448: 15 windows of 224 px
-with stride 112. Classes: the 20 VOC names + background. Trial 0 is the paper's defaults, the
+Images are 375 x 500 (Pascal VOC's usual size), resized to short side 448: with the default
+``--protocol custom`` 15 windows of 224 px with stride 112 (the largest evidence of the family's
+geometries at 448; ``--protocol cra`` is 2 windows of 448 px). Classes: the 20 VOC names +
+background. Trial 0 is the paper's defaults, the
 other trials are sampled from conf/methods/clipseg.yaml's space with a seeded RNG.
 
 - ours:  extract each image once, then decode every trial (evidence in float16).
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-trials", type=int, default=2,
                     help="trials per image timed for the naive search (scaled to --trials)")
     ap.add_argument("--short-side", type=int, default=448)
+    ap.add_argument("--protocol", default="custom",
+                    help="settings profile (custom: windows 224 / stride 112, the largest "
+                         "evidence at short side 448; cra: 448 / 224)")
     ap.add_argument("--size", default="375x500", help="image HxW before resizing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
     seg = ClipSegSegmenter(model, "ViT-B-16", {"name": "vit-b16-random"},
-                           {"short_side": args.short_side, "templates": "simple"})
+                           {"protocol": args.protocol, "short_side": args.short_side,
+                            "templates": "simple"})
     classes = ClassSet.from_names(VOC, background=True)
     t0 = time.perf_counter()
     seg.text_embeddings(seg.class_names(classes)[0])
@@ -91,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     k = max(1, min(args.naive_trials, len(plan)))
     t_extract = t_decode = t_naive = 0.0
     evidence_mb, agree = [], []
+    per_variant: dict[str, list[float]] = {}
     for img in images:
         t0 = time.perf_counter()
         ev = seg.extract(img, classes)
         t_extract += time.perf_counter() - t0
         evidence_mb.append(ev.nbytes() / 1e6)
-        t0 = time.perf_counter()
-        ours_labels = [seg.decode(ev, p) for p in plan]
-        t_decode += time.perf_counter() - t0
+        ours_labels = []
+        for p in plan:
+            t0 = time.perf_counter()
+            ours_labels.append(seg.decode(ev, p))
+            dt = time.perf_counter() - t0
+            t_decode += dt
+            per_variant.setdefault(p["attention"], []).append(dt)
         for p, mine in zip(plan[:k], ours_labels):
             t0 = time.perf_counter()
             lab = full_forward_labels(seg, img, classes, p)
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours:  extract {t_extract:.1f} s ({t_extract / args.images:.2f} s/image) + "
           f"{n_dec} decodes {t_decode:.1f} s ({1000 * t_decode / n_dec:.0f} ms each) "
           f"= {ours:.1f} s")
+    print("decode ms per variant (mean over its trials): " + ", ".join(
+        f"{v} {1000 * np.mean(ts):.0f} (n={len(ts)})" for v, ts in sorted(per_variant.items())))
     per = t_naive / (args.images * k)
     naive = per * args.images * len(plan)
     print(f"naive: timed {args.images * k} full forwards (first {k} trials of each image), "

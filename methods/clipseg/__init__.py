@@ -7,6 +7,10 @@ The final ViT block is reformed (Eq. 2, no FFN, no residual): ``Z = Proj(softmax
 with Attn from the keys of a middle layer M plus relation attention (CRA, Eq. 3) and V the mean
 of v_L and the values regenerated from the last blocks without self-attention (DSI, Eq. 4).
 
+The ``attention`` knob also selects the final blocks of the training-free CLIP family
+(``clearclip``, ``sclip``, ``naclip``, ``maskclip``; ``family``), each as its official code
+computes it, and ``settings.protocol`` their dense-inference protocols (``protocols``).
+
 Modules: ``backbone`` (open_clip loading, tiny configs, text embeddings), ``formulas`` (one
 function per equation), ``windows`` (sliding-window geometry), ``vit`` (the single ViT pass of
 extract), ``segmenter`` (extract / decode), ``reference`` (the straight full forward used as
@@ -15,14 +19,15 @@ docs/clipseg.md and in the module docstrings:
 
 - ``layer`` is the 1-based block index M (the paper's numbering: "layers 8-9 for CLIP-L",
   Fig. 3 compares layer 9 with the final layer 24); ``kk_last`` uses block L.
-- One attention map shared by all heads, from the concatenated keys (the paper's notation).
+- One attention map shared by all heads for kk_last / kk_mid / cra, from the concatenated
+  keys (the paper's notation); ``qk`` and the family's blocks work per head.
 - G = DBSCAN density-connectedness, cosine distance <= epsilon, core rule ``min_pts``
   (a decode knob, default 5 = scikit-learn's DBSCAN default; 1 = plain transitive closure).
 - DSI: FFN of block i with its own ln_2, then the final block's ln_1 and value projection;
   V = mean of v_L and the v~_i of the blocks from ``dsi_start`` on (-1: v_L alone).
 - Classes: softmax over all names (synonyms included) of ``logit_scale * cos``, a class's
-  probability is its best name's (the family's rule); background when that is below
-  ``bg_threshold``; ``present`` is not used. No PAMR.
+  probability is its best name's (the family's rule); background by our threshold rule
+  (``bg_threshold``) or by the protocol's background query; ``present`` is not used. No PAMR.
 """
 
 from methods.clipseg.segmenter import ClipSegSegmenter

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ClassSet, check_image
+from methods.clipseg.family import attend, fixed_outputs, naclip_probs
 from methods.clipseg.formulas import (
     coherence_residual_attention,
     deep_layer_output,
@@ -28,8 +29,8 @@ from methods.clipseg.formulas import (
 )
 from methods.clipseg.segmenter import (
     ClipSegSegmenter,
+    labels_from_probs,
     names_to_classes,
-    probs_to_labels,
 )
 from methods.clipseg.vit import embed_windows
 from methods.clipseg.windows import window_batch, window_grid
@@ -56,25 +57,37 @@ def window_features(seg: ClipSegSegmenter, pixels: torch.Tensor,
     inputs.append(x)                                     # inputs[i]: input of block i + 1
     final = blocks[-1]
     variant = params["attention"]
-    if variant == "qk":
-        z = final.ln_1(x)
-        _, probs = final.attn(z, z, z, need_weights=True, average_attn_weights=True)
-        attn, is_prob = probs, True
-    else:
-        layer = n if variant == "kk_last" else int(params["layer"])
-        gram = key_gram(_keys(blocks[layer - 1], inputs[layer - 1]))
-        relation = None
-        if variant == "cra":
-            g = relation_attention(gram[:, 1:, 1:], float(params["epsilon"]),
-                                   int(params["min_pts"]))
-            relation = torch.zeros_like(gram)
-            relation[:, 1:, 1:] = g
-        attn, is_prob = coherence_residual_attention(gram, float(params["tau"]), relation), False
     terms = [deep_value(inputs[n - 1], final)]          # v_L = w_L^v ln_1^L(x_{L-1})
-    for i in range(1, -int(params["dsi_start"])):
+    for i in range(1, -int(params.get("dsi_start", -1))):
         terms.append(deep_value(deep_layer_output(inputs[n - 1 - i], blocks[n - 1 - i]), final))
     value = torch.stack(terms).mean(0)
-    z = dense_output(attn, value, out_proj=final.attn.out_proj, probabilities=is_prob)
+    if variant in ("clearclip", "sclip", "maskclip", "naclip"):
+        z = final.ln_1(x)
+        dim = x.shape[-1]
+        q, k, v = F.linear(z, final.attn.in_proj_weight, final.attn.in_proj_bias).chunk(3, -1)
+        if variant == "naclip":
+            gh, gw = pixels.shape[-2] // seg.patch, pixels.shape[-1] // seg.patch
+            out = attend(naclip_probs(k, final.attn.num_heads, (gh, gw),
+                                      float(params["gaussian_std"])), v, final.attn.out_proj)
+        else:
+            out = fixed_outputs(final, x, q, k, v)[variant][:, 1:]
+        assert out.shape[-1] == dim
+        return F.normalize(visual.ln_post(out) @ visual.proj, dim=-1)
+    if variant == "qk":                                 # CLIP's own per-head maps
+        z = final.ln_1(x)
+        _, probs = final.attn(z, z, z, need_weights=True, average_attn_weights=False)
+        out = attend(probs[:, :, 1:], value, final.attn.out_proj)
+        return F.normalize(visual.ln_post(out) @ visual.proj, dim=-1)
+    layer = n if variant == "kk_last" else int(params["layer"])
+    gram = key_gram(_keys(blocks[layer - 1], inputs[layer - 1]))
+    relation = None
+    if variant == "cra":
+        g = relation_attention(gram[:, 1:, 1:], float(params["epsilon"]),
+                               int(params["min_pts"]))
+        relation = torch.zeros_like(gram)
+        relation[:, 1:, 1:] = g
+    attn = coherence_residual_attention(gram, float(params["tau"]), relation)
+    z = dense_output(attn, value, out_proj=final.attn.out_proj)
     return F.normalize(visual.ln_post(z[:, 1:]) @ visual.proj, dim=-1)
 
 
@@ -86,8 +99,7 @@ def full_forward_probs(seg: ClipSegSegmenter, image: np.ndarray, classes: ClassS
     seg.check_params(params, seg.num_layers)
     pixels = seg.preprocess(image)
     size = tuple(pixels.shape[1:])
-    grid = window_grid(size, int(seg.settings["window"]), int(seg.settings["stride"]),
-                       seg.patch)
+    grid = window_grid(size, *seg.geometry(size), seg.patch)
     names, owner = seg.class_names(classes)
     text = seg.text_embeddings(names)
     windows = window_batch(pixels, grid)
@@ -112,4 +124,5 @@ def full_forward_labels(seg: ClipSegSegmenter, image: np.ndarray, classes: Class
                         params: Mapping[str, Any]) -> np.ndarray:
     """H x W int64 label map by a full forward (the naive per-trial pipeline)."""
     probs = full_forward_probs(seg, image, classes, params)
-    return probs_to_labels(probs, classes.background, float(params["bg_threshold"]))
+    return labels_from_probs(probs, seg.background_mode(classes), seg.threshold(params),
+                             seg.settings["area_threshold"])

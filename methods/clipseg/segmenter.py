@@ -1,21 +1,22 @@
 """``ClipSegSegmenter``: extract once per image (one ViT pass per window), decode per trial.
 
-Evidence of one image (A x B windows of T = 1 + P tokens, width D, L blocks, K = 4 DSI terms;
-``evidence_dtype`` float16 by default, checked below 1e-3 relative error in the tests):
+Evidence of one image (W windows of T = 1 + P tokens, width D, L blocks, K = 4 DSI terms,
+N names; ``evidence_dtype`` float16 by default, measured against float32 in the tests):
 
-==================  ===========================  ==========================================
-``key_gram``        L x W x T(T+1)/2, dtype      upper triangle of k_l k_l^T, every block l
-``qk_attention``    W x P x T, dtype             final block's head-averaged q-k attention
-``values``          K x W x T x D, dtype         V (DSI) for dsi_start = -1..-K, times W_o^T
-``rows``, ``cols``  H x A gh, W x B gw, float32  separable window upsampling (windows.py)
-``text``            names x E, float32           template-averaged name embeddings
-==================  ===========================  ==========================================
+==================  =============================  ========================================
+``key_gram``        (L-1) x W x T(T+1)/2, dtype    upper triangle of k_l k_l^T, blocks 1..L-1
+``values``          (K-1) x W x T x D, dtype       DSI's V for dsi_start = -2..-K, times W_o^T
+``value_last``      W x T x D, dtype               v_L, raw (per-head variants, dsi_start -1)
+``final_keys``      W x T x D, dtype               k_L, raw (naclip per head, kk_last's Gram)
+``fixed_cos``       7 x W x P x N, dtype           cosines of the knob-free variants: qk for
+                                                   dsi_start -1..-4, clearclip, sclip, maskclip
+``rows``, ``cols``  H x A gh, W x B gw, float32    separable window upsampling (windows.py)
+``text``            N x E, float32                 template-averaged name embeddings
+==================  =============================  ========================================
 
-For ViT-B/16 at short side 448 (a 4:3 image: 15 windows) this is about 26 MB. Decode builds
-Attn (Eq. 3 with G), V (DSI), Z (Eq. 2), then ln_post / proj, cosine with the texts, the window
-mosaic upsampling, softmax(logit_scale * cos) over all names, max over each class's names, and
-the background threshold; it reads ln_post, proj and the out_proj bias from the segmenter and
-runs no transformer block.
+sclip and maskclip keep the final block's residual and FFN; they have no knob, so their
+dense features are finished at extract and only their cosines are kept (x_{L-1} is not stored).
+Decode runs no transformer block: it reads ln_post, proj and out_proj from the segmenter.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import torch.nn.functional as F
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
 from methods.clipseg.backbone import TEMPLATES, load_clip, name_embeddings
+from methods.clipseg.family import attend, fixed_outputs, naclip_probs, self_attention
 from methods.clipseg.formulas import (
     coherence_residual_attention,
     dense_output,
-    integrated_value,
+    key_gram,
     relation_attention,
 )
+from methods.clipseg.protocols import PROFILE_KEYS, apply_protocol, class_prompts
 from methods.clipseg.vit import window_pass
 from methods.clipseg.windows import (
     mosaic,
@@ -48,16 +51,20 @@ from methods.clipseg.windows import (
     window_grid,
 )
 
-VARIANTS = ("qk", "kk_last", "kk_mid", "cra")
+#: CRA paper Table 4 rows, then the family's final blocks (family.py).
+VARIANTS = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip")
+#: Rows of ``fixed_cos``: qk for dsi_start -1..-4, then the knob-free family blocks.
+FIXED = ("qk-1", "qk-2", "qk-3", "qk-4", "clearclip", "sclip", "maskclip")
 DSI_TERMS = 4
 SETTINGS: dict[str, Any] = {
-    "seed": 0, "short_side": 448, "window": 224, "stride": 112, "logit_scale": 40.0,
-    "templates": "imagenet80", "evidence_dtype": "float16", "chunk": 16,
+    "seed": 0, "protocol": "cra", "dataset": None, "templates": "imagenet80",
+    "evidence_dtype": "float16", "chunk": 16, **{k: None for k in PROFILE_KEYS},
 }
 #: Settings that change extract's output (the rest only change decode).
-EXTRACT_SETTINGS = ("short_side", "window", "stride", "templates", "evidence_dtype")
+EXTRACT_SETTINGS = ("short_side", "window", "stride", "templates", "evidence_dtype", "names",
+                    "dataset", "background")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-VERSION = 1
+VERSION = 2
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +105,7 @@ class ClipSegSegmenter(Segmenter):
         if unknown:
             raise OvssError(f"clipseg: unknown setting(s) {sorted(unknown)}; "
                             f"known: {sorted(SETTINGS)}")
-        self.settings = {**SETTINGS, **settings}
+        self.settings = apply_protocol({**SETTINGS, **settings})
         if self.settings["evidence_dtype"] not in DTYPES:
             raise OvssError(f"clipseg: evidence_dtype must be one of {sorted(DTYPES)}")
         if self.settings["templates"] not in TEMPLATES:
@@ -116,6 +123,8 @@ class ClipSegSegmenter(Segmenter):
         self.patch = int(visual.patch_size[0])
         final = visual.transformer.resblocks[-1].attn
         # Parameters decode needs (held here, not in the per-image evidence).
+        self.heads = int(final.num_heads)
+        self.out_proj = copy.deepcopy(final.out_proj).float().cpu()
         self.out_bias = (final.out_proj.bias.detach().float().cpu()
                          if final.out_proj.bias is not None else None)
         self.ln_post = copy.deepcopy(visual.ln_post).float().cpu()
@@ -137,13 +146,22 @@ class ClipSegSegmenter(Segmenter):
         return {"method": self.method, "version": VERSION, "backbone": self.backbone, **key}
 
     # --- text ----------------------------------------------------------------------------------
-    @staticmethod
-    def class_names(classes: ClassSet) -> tuple[list[str], list[int]]:
-        """The names to embed (every synonym of every foreground class) and, per name, its
-        foreground index (label value minus 1 when the class set has a background)."""
+    def background_mode(self, classes: ClassSet) -> str:
+        """``none`` (no background class), ``query`` (class 0 embedded from its names, the
+        family's rule) or ``threshold`` (our rule: no background text)."""
+        if not classes.background:
+            return "none"
+        return "query" if self.settings["background"] == "query" else "threshold"
+
+    def class_names(self, classes: ClassSet) -> tuple[list[str], list[int]]:
+        """The names to embed and, per name, the index of its class among the predicted
+        classes: every class with ``query`` background, else the foreground ones (label value
+        minus 1 with a background class). Names as the protocol lists them (protocols.py)."""
+        prompts = class_prompts(self.settings, classes.names, classes.prompts)
+        first = 0 if self.background_mode(classes) in ("query", "none") else 1
         names, owner = [], []
-        for j, c in enumerate(classes.foreground):
-            for p in classes.prompts[c]:
+        for j, c in enumerate(range(first, len(classes.names))):
+            for p in prompts[c]:
                 names.append(p)
                 owner.append(j)
         return names, owner
@@ -163,34 +181,56 @@ class ClipSegSegmenter(Segmenter):
         img = torch.from_numpy(np.ascontiguousarray(resize_image(image, size)))
         return (img.permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
 
+    def geometry(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(window, stride) in px for a resized image; window 0 = the whole image."""
+        window, stride = int(self.settings["window"]), int(self.settings["stride"])
+        if window <= 0:
+            return max(size), max(size)
+        return window, stride
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """Block output rows (... x D) -> unit-norm dense features (... x E) float32."""
+        return F.normalize(self.ln_post(z.float().cpu()) @ self.proj, dim=-1)
+
     @torch.no_grad()
     def extract(self, image: np.ndarray, classes: ClassSet,
                 present: Sequence[int] | None = None) -> Evidence:
         """One ViT pass per window; ``present`` is not used (no presence rule in this method)."""
         image = check_image(image)
+        names, owner = self.class_names(classes)
+        text = self.text_embeddings(names)
         pixels = self.preprocess(image)
-        grid = window_grid(tuple(pixels.shape[1:]), int(self.settings["window"]),
-                           int(self.settings["stride"]), self.patch)
+        size = tuple(pixels.shape[1:])
+        grid = window_grid(size, *self.geometry(size), self.patch)
         windows = window_batch(pixels, grid)
         dtype = DTYPES[self.settings["evidence_dtype"]]
-        parts = []
+        final = self.visual.transformer.resblocks[-1]
+        w_o = final.attn.out_proj.weight.float()
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                                ("key_gram", "values", "value_last",
+                                                 "final_keys", "fixed_cos")}
         chunk = max(1, int(self.settings["chunk"]))
         for i in range(0, len(windows), chunk):
             ev = window_pass(self.visual, windows[i:i + chunk].to(self.device), DSI_TERMS)
-            values = torch.stack([integrated_value(ev.values, -n)   # V for dsi_start = -n
-                                  for n in range(1, DSI_TERMS + 1)])
-            parts.append((pack_symmetric(ev.grams).to(dtype).cpu(), ev.qk.to(dtype).cpu(),
-                          values.to(dtype).cpu()))
+            values = torch.stack([ev.terms[:n].mean(0) @ w_o.T          # V for dsi_start = -n
+                                  for n in range(2, DSI_TERMS + 1)])
+            qk = self_attention(ev.q, ev.k, self.heads)[:, :, 1:]       # patch rows, per head
+            outs = [attend(qk, ev.terms[:n].mean(0), final.attn.out_proj)
+                    for n in range(1, DSI_TERMS + 1)]
+            outs += [z[:, 1:] for z in fixed_outputs(final, ev.x, ev.q, ev.k,
+                                                     ev.terms[0]).values()]
+            cos = torch.stack([self.features(z) @ text.T for z in outs])
+            for key, t in (("key_gram", pack_symmetric(ev.grams)), ("values", values),
+                           ("value_last", ev.terms[0]), ("final_keys", ev.k),
+                           ("fixed_cos", cos)):
+                parts[key].append(t.to(dtype).cpu())
         rows, cols = separable_upsampling(grid, image.shape[:2])
-        names, owner = self.class_names(classes)
-        tensors = {
-            "key_gram": torch.cat([p[0] for p in parts], 1).contiguous(),
-            "qk_attention": torch.cat([p[1] for p in parts], 0).contiguous(),
-            "values": torch.cat([p[2] for p in parts], 1).contiguous(),
-            "rows": rows, "cols": cols, "text": self.text_embeddings(names).clone(),
-        }
-        meta = {"background": classes.background, "num_classes": len(classes.names),
-                "name_class": owner, "image_size": list(image.shape[:2]),
+        batch_dim = {"key_gram": 1, "values": 1, "fixed_cos": 1}
+        tensors = {k: torch.cat(v, batch_dim.get(k, 0)).contiguous() for k, v in parts.items()}
+        tensors.update({"rows": rows, "cols": cols, "text": text.clone()})
+        meta = {"background": classes.background, "bg_mode": self.background_mode(classes),
+                "num_classes": len(classes.names), "name_class": owner,
+                "image_size": list(image.shape[:2]),
                 "grid": [len(grid.ys), len(grid.xs), grid.gh, grid.gw],
                 "tokens": 1 + grid.gh * grid.gw, "layers": self.num_layers}
         return Evidence(tensors, meta)
@@ -203,18 +243,22 @@ class ClipSegSegmenter(Segmenter):
         if variant in ("kk_mid", "cra") and not 1 <= int(params["layer"]) <= layers - 1:
             raise OvssError(f"clipseg: layer must be in 1..{layers - 1} (1-based block index), "
                             f"got {params['layer']}")
-        if not -DSI_TERMS <= int(params["dsi_start"]) <= -1:
+        if variant in ("qk", "kk_last", "kk_mid", "cra") and not (
+                -DSI_TERMS <= int(params["dsi_start"]) <= -1):
             raise OvssError(f"clipseg: dsi_start must be in -{DSI_TERMS}..-1, "
                             f"got {params['dsi_start']}")
+        if variant == "naclip" and not float(params["gaussian_std"]) > 0:
+            raise OvssError(f"clipseg: gaussian_std must be > 0, got {params['gaussian_std']}")
 
     def attention_probs(self, ev: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """softmax(Attn) for the patch rows: W x P x T float32 (Eq. 3 and the variants)."""
+        """softmax(Attn) for the patch rows, one map for all heads: W x P x T float32
+        (Eq. 3 and the kk variants)."""
         variant = params["attention"]
-        if variant == "qk":
-            return ev.tensors["qk_attention"].float()
-        layers, t = int(ev.meta["layers"]), int(ev.meta["tokens"])
-        layer = layers if variant == "kk_last" else int(params["layer"])
-        gram = unpack_symmetric(ev.tensors["key_gram"][layer - 1], t)[:, 1:]   # W x P x T
+        t = int(ev.meta["tokens"])
+        if variant == "kk_last":
+            gram = key_gram(ev.tensors["final_keys"])[:, 1:]
+        else:
+            gram = unpack_symmetric(ev.tensors["key_gram"][int(params["layer"]) - 1], t)[:, 1:]
         relation = None
         if variant == "cra":
             g = relation_attention(gram[:, :, 1:], float(params["epsilon"]),
@@ -223,41 +267,75 @@ class ClipSegSegmenter(Segmenter):
         return torch.softmax(coherence_residual_attention(gram, float(params["tau"]), relation),
                              dim=-1)
 
+    def window_cosines(self, ev: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
+        """Cosine of every patch with every name: W x P x N float32."""
+        variant = params["attention"]
+        if variant == "qk":
+            return ev.tensors["fixed_cos"][-int(params["dsi_start"]) - 1].float()
+        if variant in FIXED:
+            return ev.tensors["fixed_cos"][FIXED.index(variant)].float()
+        if variant == "naclip":
+            gh, gw = ev.meta["grid"][2:]
+            probs = naclip_probs(ev.tensors["final_keys"], self.heads, (gh, gw),
+                                 float(params["gaussian_std"]))
+            z = attend(probs, ev.tensors["value_last"], self.out_proj)
+        else:
+            attn = self.attention_probs(ev, params)
+            dsi = -int(params["dsi_start"])
+            if dsi == 1:   # Proj(A v_L) = (A v_L) W_o^T + b_o
+                z = self.out_proj(attn @ ev.tensors["value_last"].float())
+            else:
+                z = dense_output(attn, ev.tensors["values"][dsi - 2], out_bias=self.out_bias,
+                                 probabilities=True)
+        return self.features(z) @ ev.tensors["text"].float().T
+
     def scaled_logits(self, evidence: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """``logit_scale * cos`` of every name at the original image size: H x names x W
+        """``logit_scale * cos`` of every name at the original image size: H x N x W
         float32 (this layout makes both upsampling products plain matrix products)."""
         meta = evidence.meta
         self.check_params(params, int(meta["layers"]))
-        attn = self.attention_probs(evidence, params)
-        value = evidence.tensors["values"][-int(params["dsi_start"]) - 1]   # DSI's V, Eq. 4
-        z = dense_output(attn, value, out_bias=self.out_bias, probabilities=True)
-        feats = F.normalize(self.ln_post(z) @ self.proj, dim=-1)          # W x P x E
-        text = evidence.tensors["text"].float() * float(self.settings["logit_scale"])
-        x = mosaic(feats @ text.T, *meta["grid"])                          # names x Agh x Bgw
+        cos = self.window_cosines(evidence, params) * float(self.settings["logit_scale"])
+        x = mosaic(cos, *meta["grid"])                                     # N x Agh x Bgw
         return upsample(x, evidence.tensors["rows"], evidence.tensors["cols"])
+
+    def threshold(self, params: Mapping[str, Any]) -> float:
+        """The background probability threshold: the protocol's ``prob_threshold`` when it
+        fixes one, else the knob ``bg_threshold``."""
+        fixed = self.settings["prob_threshold"]
+        return float(params["bg_threshold"] if fixed is None else fixed)
 
     @torch.no_grad()
     def decode_probs(self, evidence: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """Per-class probabilities at the original image size: C_fg x H x W float32
-        (C_fg = foreground classes; max over each class's names of the softmax over names)."""
+        """Per-class probabilities at the original image size: C x H x W float32 (the
+        predicted classes: all with ``query`` background, else the foreground ones; max over
+        each class's names of the softmax over names)."""
         probs = torch.softmax(self.scaled_logits(evidence, params), dim=1).permute(1, 0, 2)
         return names_to_classes(probs, evidence.meta["name_class"])
 
     @torch.no_grad()
     def decode(self, evidence: Evidence, params: Mapping[str, Any]) -> np.ndarray:
-        """HxW int64 label map: the class of the best name; with a background class, pixels
-        whose best class probability is below ``bg_threshold`` are background (0).
+        """HxW int64 label map in [0, num_classes).
 
-        Same result as ``probs_to_labels(decode_probs(...))`` without the full softmax: the best
-        class probability is the best name's, ``1 / sum_n exp(l_n - l_max)``.
+        ``threshold``: the class of the best name, background (0) where the best class
+        probability is below the threshold; same result as ``probs_to_labels(decode_probs)``
+        without the full softmax (the best probability is ``1 / sum_n exp(l_n - l_max)``).
+        ``query``: class 0 competes through its names; SCLIP's area rule when set.
         """
-        logits = self.scaled_logits(evidence, params)                      # H x names x W
+        meta = evidence.meta
+        mode = meta.get("bg_mode", "threshold" if meta["background"] else "none")
+        area = self.settings["area_threshold"]
+        if mode == "query" and area is not None:
+            return labels_from_probs(self.decode_probs(evidence, params), mode,
+                                     self.threshold(params), area)
+        logits = self.scaled_logits(evidence, params)                      # H x N x W
         best, arg = logits.max(1)
-        label = torch.as_tensor(evidence.meta["name_class"], dtype=torch.long)[arg]
-        if evidence.meta["background"]:
+        label = torch.as_tensor(meta["name_class"], dtype=torch.long)[arg]
+        if mode != "none":
             # best probability < threshold  <=>  sum_n exp(l_n - l_max) > 1 / threshold
             mass = logits.sub_(best[:, None]).exp_().sum(1)
-            label = (label + 1).masked_fill_(mass * float(params["bg_threshold"]) > 1.0, 0)
+            if mode == "threshold":
+                label = label + 1
+            label = label.masked_fill_(mass * self.threshold(params) > 1.0, 0)
         return label.numpy().astype(np.int64)
 
 
@@ -283,12 +361,30 @@ def names_to_classes(probs: torch.Tensor, name_class: Sequence[int]) -> torch.Te
     return torch.stack([probs[r[0]] if len(r) == 1 else probs[r].amax(0) for r in rows])
 
 
-def probs_to_labels(probs: torch.Tensor, background: bool, threshold: float) -> np.ndarray:
-    """C_fg x H x W -> H x W int64 label values (foreground j is label j + 1 with background)."""
+def labels_from_probs(probs: torch.Tensor, mode: str, threshold: float,
+                      area: float | None = None) -> np.ndarray:
+    """C x H x W class probabilities -> H x W int64 labels.
+
+    mode ``none``: argmax. ``threshold``: foreground j is label j + 1, background where the best
+    probability is below ``threshold``. ``query`` (C = all classes, class 0 = background):
+    SCLIP's area rule first when ``area`` is set (classes 1.. whose argmax area is at most
+    ``area`` times the area of all of them get probability 0), argmax, then background where
+    the best probability is below ``threshold``.
+    """
+    if mode == "query" and area is not None:
+        arg = probs.argmax(0)
+        counts = torch.bincount(arg.flatten(), minlength=probs.shape[0])[1:].to(probs.dtype)
+        keep = (counts > float(area) * counts.sum()).to(probs.dtype)
+        probs = probs.clone()
+        probs[1:] *= keep[:, None, None]
     top, arg = probs.max(0)
-    if not background:
+    if mode == "none":
         return arg.numpy().astype(np.int64)
-    label = arg + 1
+    label = arg + 1 if mode == "threshold" else arg.clone()
     label[top < threshold] = 0
     return label.numpy().astype(np.int64)
 
+
+def probs_to_labels(probs: torch.Tensor, background: bool, threshold: float) -> np.ndarray:
+    """C_fg x H x W -> H x W int64 label values (our threshold rule, or argmax)."""
+    return labels_from_probs(probs, "threshold" if background else "none", threshold)

@@ -19,7 +19,6 @@ from methods.clipseg.formulas import (
     deep_layer_output,
     deep_value,
     key_gram,
-    original_attention,
 )
 from methods.clipseg.windows import interpolate_pos_embed
 
@@ -28,15 +27,17 @@ from methods.clipseg.windows import interpolate_pos_embed
 class WindowEvidence:
     """Per-window tensors of one ViT pass over B windows of T = 1 + P tokens.
 
-    grams:  L x B x T x T float32, key_gram of every block 1..L (index M - 1 for layer M).
-    qk:     B x P x T float32, the final block's head-averaged q-k attention (patch rows).
-    values: K x B x T x D float32, [v_L, v~_{L-1}, ..., v~_{L-K+1}] already multiplied by the
-            final block's out_proj weight (no bias): Proj(A V) = A (V W_o^T) + b_o.
+    grams:  (L - 1) x B x T x T float32, key_gram of blocks 1..L-1 (index M - 1 for layer M).
+    x:      B x T x D, the final block's input x_{L-1}.
+    q, k:   B x T x D, the final block's queries and keys (heads concatenated).
+    terms:  K x B x T x D, [v_L, v~_{L-1}, ..., v~_{L-K+1}], raw (before out_proj).
     """
 
     grams: torch.Tensor
-    qk: torch.Tensor
-    values: torch.Tensor
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    terms: torch.Tensor
 
 
 def embed_windows(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -90,16 +91,13 @@ def window_pass(visual: nn.Module, pixels: torch.Tensor, dsi_terms: int) -> Wind
     grams, inputs = [], {}
     for i, block in enumerate(blocks):
         q, k, v = split_qkv(block, x)
-        grams.append(key_gram(k))
         if i == n - 1:
             break
+        grams.append(key_gram(k))
         if i >= n - dsi_terms:
             inputs[i] = x                                               # input of block i + 1
         x = finish_block(block, x, q, k, v)
     final = blocks[-1]
-    qk = original_attention(q, k, final.attn.num_heads)[:, 1:]
     terms = [v] + [deep_value(deep_layer_output(inputs[i], blocks[i]), final)
                    for i in range(n - 2, n - 1 - dsi_terms, -1)]
-    w_o = final.attn.out_proj.weight
-    values = torch.stack([t.float() @ w_o.float().T for t in terms])
-    return WindowEvidence(torch.stack(grams), qk, values)
+    return WindowEvidence(torch.stack(grams), x, q, k, torch.stack(terms).float())

@@ -1,0 +1,133 @@
+"""The family's dense-inference protocols as named settings profiles (``settings.protocol``).
+
+A profile fixes, per data set, what the official configs of that repository hand-set: the
+short side of the resize, the sliding window and its stride (0 = the whole image as one
+window), the logit scale of the softmax over names, how background is predicted, and which
+class-name lists are embedded. Sources (file and line) are in docs/clipseg.md.
+
+- ``cra``: the CRA paper's own protocol, which says it follows TCL (Cha et al., CVPR 2023):
+  TCL's ``segmentation/configs/_base_/datasets/*.py`` resize to short side 448 and slide a 448
+  window with stride 224 on every data set. Background: our threshold rule (no background
+  text; a pixel is background when its best class probability is below the knob
+  ``bg_threshold``). Names: the data set YAML's prompts. Logit scale 40 (the paper does not
+  say; SCLIP's default). The default protocol.
+- ``sclip``: wangf3014/SCLIP configs; names from its ``configs/cls_*.txt`` (synonyms, and on
+  VOC21 / COCO-Object a first line of 26 stuff words as the background query).
+- ``naclip``: sinahmr/NACLIP configs (same name files as SCLIP, md5-identical); VOC21 and VOC20
+  run on the whole image (``slide_crop=0``).
+- ``clearclip``: mc-lan/ClearCLIP configs and segmentor defaults; names from its
+  ``configs/cls_*.txt`` (no synonyms, class 0 is the query ``background``).
+- ``custom``: the plain settings; unset ones take 448 / 224 / 112, logit scale 40 and our
+  threshold rule (clipseg's settings before the protocols existed).
+
+Background by a query (``background: query``): class 0 is embedded from its names, the softmax
+runs over all names including class 0's, a class's probability is its best name's, SCLIP's
+``area_threshold`` zeroes the probabilities of classes 1..C-1 whose argmax area is at most that
+fraction of the pixels predicted as any of them, then the argmax; pixels whose best probability
+is below ``prob_threshold`` become class 0.
+
+Explicit settings (``--set settings.short_side=...``; the YAML keeps them ``null``) win over the
+profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from methods.base import OvssError
+
+NAMES_DIR = Path(__file__).resolve().parent / "names"
+
+#: our data set name -> the reference repos' ``configs/cls_<file>.txt``
+NAME_FILES = {"voc21": "voc21", "voc20": "voc20", "context60": "context60",
+              "context59": "context59", "coco_object": "coco_object",
+              "coco_stuff164k": "coco_stuff", "cityscapes": "city_scapes", "ade20k": "ade20k"}
+
+#: Keys a profile may set (the rest of the segmenter's settings are untouched).
+PROFILE_KEYS = ("short_side", "window", "stride", "logit_scale", "background", "prob_threshold",
+                "area_threshold", "names")
+
+_QUERY = {"background": "query"}
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "cra": {
+        "base": {"short_side": 448, "window": 448, "stride": 224, "logit_scale": 40.0,
+                 "background": "threshold", "prob_threshold": None, "area_threshold": None,
+                 "names": None},
+    },
+    "sclip": {
+        "base": {"short_side": 336, "window": 224, "stride": 112, "logit_scale": 40.0,
+                 "background": "threshold", "prob_threshold": None, "area_threshold": None,
+                 "names": "sclip"},
+        "voc21": {**_QUERY, "logit_scale": 65.0, "prob_threshold": 0.1, "area_threshold": 0.1},
+        "context60": {**_QUERY, "logit_scale": 50.0, "prob_threshold": 0.1},
+        "coco_object": {**_QUERY, "logit_scale": 50.0, "prob_threshold": 0.1},
+        "coco_stuff164k": {"short_side": 448},
+        "cityscapes": {"short_side": 560},
+    },
+    "naclip": {
+        "base": {"short_side": 336, "window": 224, "stride": 112, "logit_scale": 40.0,
+                 "background": "threshold", "prob_threshold": None, "area_threshold": None,
+                 "names": "sclip"},
+        "voc21": {**_QUERY, "prob_threshold": 0.1, "window": 0, "stride": 0},
+        "voc20": {"window": 0, "stride": 0},
+        "context60": {**_QUERY, "prob_threshold": 0.1},
+        "coco_object": {**_QUERY, "prob_threshold": 0.1},
+        "cityscapes": {"short_side": 560},
+    },
+    "clearclip": {
+        "base": {"short_side": 448, "window": 448, "stride": 224, "logit_scale": 50.0,
+                 "background": "threshold", "prob_threshold": None, "area_threshold": None,
+                 "names": "clearclip"},
+        "voc21": {**_QUERY, "prob_threshold": 0.5},
+        "context60": {**_QUERY, "prob_threshold": 0.15},
+        "coco_object": {**_QUERY, "prob_threshold": 0.4},
+        "cityscapes": {"window": 224, "stride": 224},
+    },
+    # the plain settings; what is still unset takes the values clipseg used before protocols
+    "custom": {"base": {"short_side": 448, "window": 224, "stride": 112, "logit_scale": 40.0,
+                        "background": "threshold"}},
+}
+
+
+def profile(protocol: str, dataset: str | None) -> dict[str, Any]:
+    """The settings a protocol fixes for a data set (``dataset`` None: the base values)."""
+    if protocol not in PROTOCOLS:
+        raise OvssError(f"clipseg: unknown protocol {protocol!r}; choose {sorted(PROTOCOLS)}")
+    table = PROTOCOLS[protocol]
+    return {**table["base"], **table.get(dataset or "", {})}
+
+
+def apply_protocol(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with the protocol's values filled in where the setting is None / absent."""
+    prof = profile(str(settings.get("protocol") or "custom"), settings.get("dataset"))
+    out = dict(settings)
+    for key, value in prof.items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
+
+
+@lru_cache(maxsize=32)
+def reference_names(source: str, dataset: str) -> tuple[tuple[str, ...], ...]:
+    """One tuple of names per class, as the reference repo lists them in ``cls_*.txt``
+    (SCLIP / NACLIP split a line on ", ", ClearCLIP on ",")."""
+    path = NAMES_DIR / source / f"{NAME_FILES[dataset]}.txt"
+    sep = ", " if source == "sclip" else ","
+    lines = path.read_text().split("\n")
+    lines = [ln for ln in lines if ln.strip()]
+    return tuple(tuple(n.replace("\n", "") for n in ln.split(sep)) for ln in lines)
+
+
+def class_prompts(settings: Mapping[str, Any], names: tuple[str, ...],
+                  prompts: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+    """The names to embed per class: the reference list when the protocol names one, the data
+    set is known and the class set has its number of classes; else the class set's own prompts
+    (e.g. inference with a tuned config on the user's own classes)."""
+    source, dataset = settings.get("names"), settings.get("dataset")
+    if not source or dataset not in NAME_FILES:
+        return prompts
+    ref = reference_names(str(source), str(dataset))
+    return ref if len(ref) == len(names) else prompts

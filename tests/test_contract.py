@@ -1,0 +1,220 @@
+"""The Segmenter protocol's contract, one suite run by every method and every clipseg variant
+(as Optuna runs one storage test suite against every storage).
+
+A case is a tiny real backbone from the method's YAML, a class set, an image, knobs, and the
+method's own straight pipeline (one full forward per configuration, its ``reference`` module).
+Every case must satisfy:
+
+- ``extract``: Evidence of torch tensors and JSON-serialisable meta; ``decode``: H x W int64,
+  values in [0, len(classes));
+- determinism: the same image gives bit-identical evidence and label maps;
+- a cache round trip (``search.cache.EvidenceCache`` put, then get from a fresh cache that reads
+  the file) decodes to the same label map;
+- ``decode(extract(x), p)`` equals the straight pipeline with float32 evidence;
+- float16 evidence agrees with float32 on at least ``FP16_AGREEMENT`` of the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from methods.base import ClassSet, Evidence, Segmenter
+from search.cache import EvidenceCache
+from search.config import load_method_spec, resolve
+
+#: float16 evidence must give the float32 label on at least this fraction of the pixels.
+FP16_AGREEMENT = 0.99
+
+
+@dataclass
+class Case:
+    """One method configuration under contract."""
+
+    name: str
+    make: Callable[[str], Segmenter]            # evidence_dtype -> segmenter
+    params: dict[str, Any]
+    classes: ClassSet
+    straight: Callable[..., np.ndarray]         # (seg, image, classes, params, present)
+    present: list[int] | None = None
+    size: tuple[int, int] = (40, 57)
+    xfail: dict[str, str] = field(default_factory=dict)   # check name -> precise reason
+
+
+_SEGS: dict[tuple[str, str], Segmenter] = {}
+
+
+def _cached(key: tuple[str, str], build: Callable[[], Segmenter]) -> Segmenter:
+    if key not in _SEGS:
+        _SEGS[key] = build()
+    return _SEGS[key]
+
+
+def _voc_classes() -> ClassSet:
+    from search.data.spec import load_spec
+
+    spec = load_spec("voc21")
+    return ClassSet(tuple(spec.classes), tuple(tuple(p) for p in spec.prompts), True)
+
+
+# --- clipseg: every variant, and every protocol with its own variant ---------------------------
+def _clipseg_case(attention: str, protocol: str) -> Case:
+    from methods.clipseg import SEGMENTER
+    from methods.clipseg.reference import full_forward_labels
+
+    spec = load_method_spec("clipseg")
+    r = resolve(spec, backbone="tiny", dataset="voc21", preset=spec.presets["smoke"])
+    tiny = {**r.backbone, "tiny": {**r.backbone["tiny"], "heads": 4, "layers": 5}}
+    geom = {"short_side": 48, "window": 32, "stride": 16}
+    if protocol == "naclip":
+        geom = {"short_side": 40}                         # whole image, as NACLIP on VOC
+    settings = {**r.settings, **geom, "protocol": protocol, "templates": "simple"}
+
+    def make(dtype: str) -> Segmenter:
+        return _cached(("clipseg-" + protocol, dtype), lambda: SEGMENTER.from_spec(
+            tiny, {**settings, "evidence_dtype": dtype}))
+
+    p = {**r.defaults, "attention": attention, "layer": 2, "bg_threshold": 0.07,
+         "min_pts": 2}
+    return Case(f"clipseg-{attention}-{protocol}", make, p, _voc_classes(),
+                lambda seg, img, cs, prm, present: full_forward_labels(seg, img, cs, prm))
+
+
+# --- pnp and fseg: their tiny backbones from their YAML ---------------------------------------
+def _pnp_case(arch_backbone: str) -> Case:
+    from methods.pnp import SEGMENTER
+    from methods.pnp.reference import naive_segment
+
+    spec = load_method_spec("pnp")
+    r = resolve(spec, backbone=arch_backbone, dataset="voc21", preset=spec.presets["smoke"])
+    settings = {**r.settings, "presence": "all"}
+
+    def make(dtype: str) -> Segmenter:
+        return _cached(("pnp-" + arch_backbone, dtype), lambda: SEGMENTER.from_spec(
+            r.backbone, {**settings, "evidence_dtype": dtype}))
+
+    classes = ClassSet.from_names(["cat", "dog", "pottedplant", "tvmonitor"], background=True)
+    return Case(f"pnp-{arch_backbone}", make, dict(r.defaults), classes,
+                lambda seg, img, cs, prm, present: naive_segment(seg, img, cs, prm, present),
+                present=[1, 3, 4], size=(45, 61))
+
+
+def _fseg_case(backbone: str) -> Case:
+    from methods.fseg import SEGMENTER
+    from methods.fseg.reference import straight_labels
+
+    spec = load_method_spec("fseg")
+    r = resolve(spec, backbone=backbone, dataset="voc21", preset=spec.presets["smoke"])
+
+    def make(dtype: str) -> Segmenter:
+        return _cached(("fseg-" + backbone, dtype), lambda: SEGMENTER.from_spec(
+            r.backbone, {**r.settings, "evidence_dtype": dtype}))
+
+    classes = ClassSet.from_names(["cat", "dog", "potted plant"], background=True)
+    return Case(f"fseg-{backbone}", make, dict(r.defaults), classes,
+                lambda seg, img, cs, prm, present: straight_labels(seg, img, cs, prm, present),
+                present=[1, 3], size=(40, 60))
+
+
+VARIANTS = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip")
+CASES = {
+    **{f"clipseg-{v}-cra": (lambda v=v: _clipseg_case(v, "cra")) for v in VARIANTS},
+    **{f"clipseg-{p}-{p}": (lambda p=p: _clipseg_case(p, p))
+       for p in ("sclip", "naclip", "clearclip")},
+    "clipseg-cra-custom": lambda: _clipseg_case("cra", "custom"),
+    "pnp-tiny": lambda: _pnp_case("tiny"),
+    "pnp-tiny-bridgetower": lambda: _pnp_case("tiny-bridgetower"),
+    "fseg-tiny": lambda: _fseg_case("tiny"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request) -> Case:
+    return CASES[request.param]()
+
+
+def _image(size: tuple[int, int], seed: int = 11) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (5, 7, 3)).astype(np.float32)
+    img = torch.nn.functional.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None],
+                                          size=size, mode="bilinear", align_corners=False)
+    noise = rng.normal(0, 15, (*size, 3))
+    return (img[0].permute(1, 2, 0).numpy() + noise).clip(0, 255).astype(np.uint8)
+
+
+def _evidence(seg: Segmenter, case: Case, image: np.ndarray) -> Evidence:
+    ev = seg.extract(image, case.classes, case.present)
+    if seg.extraction_knobs:
+        ev = ev.merged(seg.extend(ev, image, case.classes, case.present,
+                                  seg.extraction_subset(case.params)))
+    return ev
+
+
+def _check_xfail(case: Case, check: str) -> None:
+    if check in case.xfail:
+        pytest.xfail(case.xfail[check])
+
+
+# --- the contract -------------------------------------------------------------------------
+def test_extract_and_decode_shapes_and_ranges(case):
+    _check_xfail(case, "shapes")
+    seg = case.make("float32")
+    image = _image(case.size)
+    ev = _evidence(seg, case, image)
+    assert ev.tensors and all(isinstance(t, torch.Tensor) for t in ev.tensors.values())
+    assert all(t.device.type == "cpu" for t in ev.tensors.values())
+    json.dumps(ev.meta)                                            # serialisable
+    out = seg.decode(ev, case.params)
+    assert isinstance(out, np.ndarray) and out.dtype == np.int64
+    assert out.shape == image.shape[:2]
+    assert 0 <= out.min() and out.max() < len(case.classes.names)
+
+
+def test_deterministic(case):
+    _check_xfail(case, "deterministic")
+    seg = case.make("float32")
+    image = _image(case.size)
+    a, b = _evidence(seg, case, image), _evidence(seg, case, image)
+    assert a.tensors.keys() == b.tensors.keys() and a.meta == b.meta
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+    assert np.array_equal(seg.decode(a, case.params), seg.decode(a, case.params))
+
+
+def test_cache_round_trip(case, tmp_path):
+    _check_xfail(case, "cache")
+    seg = case.make("float16")
+    image = _image(case.size)
+    ev = _evidence(seg, case, image)
+    EvidenceCache(tmp_path).put(seg.method, "k" * 40, ev)
+    back = EvidenceCache(tmp_path).get(seg.method, "k" * 40)      # a fresh cache: from disk
+    assert back is not None and back.meta == json.loads(json.dumps(ev.meta))
+    for k, t in ev.tensors.items():
+        assert back.tensors[k].dtype == t.dtype and torch.equal(back.tensors[k], t), k
+    assert np.array_equal(seg.decode(back, case.params), seg.decode(ev, case.params))
+
+
+def test_decode_of_extract_equals_straight_pipeline(case):
+    _check_xfail(case, "straight")
+    seg = case.make("float32")
+    image = _image(case.size)
+    got = seg.decode(_evidence(seg, case, image), case.params)
+    want = case.straight(seg, image, case.classes, case.params, case.present)
+    assert np.array_equal(got, want)
+    assert len(np.unique(got)) > 1                                  # not a constant map
+
+
+def test_float16_evidence_agrees_with_float32(case):
+    _check_xfail(case, "float16")
+    image = _image(case.size, seed=12)
+    s16, s32 = case.make("float16"), case.make("float32")
+    e16, e32 = _evidence(s16, case, image), _evidence(s32, case, image)
+    assert e16.nbytes() < e32.nbytes()
+    agree = float((s16.decode(e16, case.params) == s32.decode(e32, case.params)).mean())
+    assert agree >= FP16_AGREEMENT, f"{case.name}: {agree:.4f} of the pixels agree"
