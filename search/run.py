@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Ray Tune results directory (default ./.ovss/ray_results)")
     p.add_argument("--name", help="search name, used by --resume (default: method-backbone-"
                    "dataset-reward)")
-    p.add_argument("--preset", choices=["smoke"], help="smoke: tiny random-weight backbone of "
-                   "the real model class on a generated data set, fully offline, 8 trials")
+    p.add_argument("--preset", help="a preset of conf/methods/<method>.yaml: smoke (tiny "
+                   "random-weight backbone of the real model class on a generated data set, "
+                   "fully offline, 8 trials), or the method's own (clipseg: cra, sclip, naclip, "
+                   "clearclip protocols; pnp: reference)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted search of the same --name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -122,7 +124,8 @@ def plan_search(args: argparse.Namespace) -> Plan:
     preset = None
     if args.preset:
         if args.preset not in spec.presets:
-            raise OvssError(f"method {args.method} has no preset {args.preset!r}")
+            raise OvssError(f"--preset {args.preset!r}: method {args.method} has no such preset "
+                            f"(choose one of {', '.join(spec.presets) or 'none'})")
         preset = spec.presets[args.preset]
     dataset = args.dataset or (preset.dataset if preset else None)
     if not dataset:
@@ -141,7 +144,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise OvssError(f"--rungs {args.rungs}: must be at least 1")
 
     root = args.data_root
-    if root is None and preset is not None:
+    if root is None and args.preset == "smoke":   # only smoke brings its own data
         from search.data import dataset_layout
         from search.data.synthetic import make_dataset
 
@@ -243,7 +246,8 @@ def _reward_spec(args: argparse.Namespace, preset) -> dict[str, Any]:
 
     path = CONF_DIR / "rewards" / "clip.yaml"
     conf = yaml.safe_load(path.read_text())
-    name = args.reward_backbone or ("tiny" if preset is not None else conf["default_backbone"])
+    name = args.reward_backbone or ("tiny" if args.preset == "smoke"
+                                    else conf["default_backbone"])
     if name not in conf["backbones"]:
         raise OvssError(f"unknown --reward-backbone {name!r}: choose one of "
                         f"{', '.join(conf['backbones'])}")
