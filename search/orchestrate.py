@@ -64,6 +64,11 @@ def run_search(plan) -> str:
             extraction_knobs=tuple(seg_cls.extraction_knobs), fidelity=bool(args.fidelity),
             device=device)
         ctx.settings_key = _settings_key(ctx)
+        search_ctx = ctx          # two-stage search (--rerank-top): trials run the proxy
+        if getattr(plan, "rerank_top", 0):
+            from search.rerank import proxy_context
+
+            search_ctx = proxy_context(ctx, plan.proxy)
 
         client = MlflowClient(plan.tracking_uri)
         exp_name = tracking.experiment_name(r.method, r.backbone_name, plan.dataset_name)
@@ -86,13 +91,19 @@ def run_search(plan) -> str:
                 plan.tracking_uri, exp_id, parent_id, plan.reward["name"] + "_score"
                 if plan.reward["name"] == "clip" else "miou", {})
             try:
-                n_new = extraction_pass(ctx, args.gpus_per_trial, args.cpus_per_trial)
+                n_new = extraction_pass(search_ctx, args.gpus_per_trial, args.cpus_per_trial)
                 client.set_tag(parent_id, "ovss_extracted_images", str(n_new))
-                results = tune_search(plan, ctx, callback)
+                results = tune_search(plan, search_ctx, callback)
             finally:
                 callback.close_open_runs("KILLED")
-            best = log_search_outputs(client, parent_id, plan, ctx, results, callback)
-        return (f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
+            chosen = None
+            if getattr(plan, "rerank_top", 0):
+                from search.rerank import rerank
+
+                chosen = rerank(client, parent_id, plan, ctx, results)
+            best = log_search_outputs(client, parent_id, plan, ctx, results, callback, chosen)
+        return ((chosen["summary"] + "\n" if chosen else "") +
+                f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
                 f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}\n"
                 f"export: python -m search.export --method {r.method} --backbone "
                 f"{r.backbone_name} --dataset {plan.dataset_name} --tracking-uri "

@@ -65,8 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Ray Tune results directory (default ./.ovss/ray_results)")
     p.add_argument("--name", help="search name, used by --resume (default: method-backbone-"
                    "dataset-reward)")
-    p.add_argument("--preset", choices=["smoke"], help="smoke: tiny random-weight backbone of "
-                   "the real model class on a generated data set, fully offline, 8 trials")
+    p.add_argument("--preset", choices=["smoke", "reference"], help="smoke: tiny random-weight "
+                   "backbone of the real model class on a generated data set, fully offline, 8 "
+                   "trials; reference: the method's reference search procedure (pnp: D=1, no "
+                   "CRF, every class in the prompt), its winner re-scored with the full pipeline")
+    p.add_argument("--rerank-top", type=int, metavar="K", help="two-stage search: tune with the "
+                   "method's cheaper `proxy` pipeline, then re-score the K best trials with the "
+                   "full pipeline on all tuning images and pick the winner among them")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted search of the same --name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -93,6 +98,8 @@ class Plan:
     cache_dir: Path
     storage: Path
     name: str
+    proxy: Any = None          # search.config.ProxySpec of a two-stage search, else None
+    rerank_top: int = 0        # K of --rerank-top (0: one stage)
 
 
 def plan_search(args: argparse.Namespace) -> Plan:
@@ -120,9 +127,15 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise OvssError(f"--gpus-per-trial {args.gpus_per_trial}: must not be negative")
     if args.rungs < 1:
         raise OvssError(f"--rungs {args.rungs}: must be at least 1")
+    rerank_top = getattr(args, "rerank_top", None) or (preset.rerank_top if preset else None)
+    proxy = None
+    if rerank_top is not None:
+        if rerank_top < 1:
+            raise OvssError(f"--rerank-top {rerank_top}: must be at least 1")
+        proxy = cfg.resolve_proxy(spec, resolved, preset)
 
     root = args.data_root
-    if root is None and preset is not None:
+    if root is None and args.preset == "smoke":
         from search.data import dataset_layout
         from search.data.synthetic import make_dataset
 
@@ -168,7 +181,8 @@ def plan_search(args: argparse.Namespace) -> Plan:
                 classes=data.classes, items=items, rungs=rungs, reward=reward,
                 num_samples=num_samples, tracking_uri=tracking_uri,
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
-                storage=Path(args.storage or work / "ray_results").resolve(), name=name)
+                storage=Path(args.storage or work / "ray_results").resolve(), name=name,
+                proxy=proxy, rerank_top=int(rerank_top or 0))
 
 
 def _rungs(n: int, k: int) -> list[int]:
