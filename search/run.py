@@ -127,7 +127,9 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise OvssError(f"--gpus-per-trial {args.gpus_per_trial}: must not be negative")
     if args.rungs < 1:
         raise OvssError(f"--rungs {args.rungs}: must be at least 1")
-    rerank_top = getattr(args, "rerank_top", None) or (preset.rerank_top if preset else None)
+    rerank_top = getattr(args, "rerank_top", None)
+    if rerank_top is None and preset is not None:
+        rerank_top = preset.rerank_top
     proxy = None
     if rerank_top is not None:
         if rerank_top < 1:
