@@ -62,8 +62,10 @@ def trials(n: int, seed: int, drop_iters: int, crf: bool) -> list[dict]:
     return out[:n]
 
 
-def main(argv: list[str] | None = None) -> int:
+def one_stage(argv: list[str] | None = None) -> int:
+    """The first benchmark: every trial at D, no re-ranking (``--one-stage``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--one-stage", action="store_true")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--trials", type=int, default=64)
     ap.add_argument("--naive-trials", type=int, default=1,
@@ -152,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
           f"base {ev.nbytes() / 1e6:.2f} MB, one chain {extra.nbytes() / 1e6:.3f} MB)")
     print(f"ratio={naive / ours_total:.1f} evidence_mb={mb:.2f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--one-stage" in args:
+        return one_stage(argv)
+    from bench.pnp_two_stage import two_stage
+
+    return two_stage(argv)
 
 
 if __name__ == "__main__":
