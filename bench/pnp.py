@@ -1,7 +1,11 @@
 """Extract once, decode many vs the naive search, for `pnp` on the real-size BLIP-base ITM.
 
-    python bench/pnp.py                        # 4 images, 5 classes, 64 trials (~6 min)
-    python bench/pnp.py --images 1 --trials 8 --image-size 224    # quick look (~1 min)
+``python bench/pnp.py`` runs the two-stage search bench (bench/pnp_two_stage.py: 64 proxy trials
+at D = 1 without CRF, the top 4 re-ranked at D = 4 with CRF, against the naive search and the
+reference's own search procedure). ``--one-stage`` runs this file's first bench:
+
+    python bench/pnp.py --one-stage                       # 4 images, 5 classes, 64 trials
+    python bench/pnp.py --one-stage --images 1 --trials 8 --image-size 224    # quick look
 
 Model: ``BlipForImageTextRetrieval(BlipConfig())`` with the text encoder's 12 heads of the
 released blip-itm-base checkpoints (BlipConfig's default is 8 heads, the architecture is

@@ -110,6 +110,26 @@ def test_proxy_errors_are_one_line_and_come_before_ray(toy_conf, voc_root, capsy
     assert "has no preset 'reference'" in capsys.readouterr().err
 
 
+def test_reference_preset_plans_the_reference_search(voc_root):
+    from search.run import build_parser, plan_search
+
+    base = ["--method", "pnp", "--backbone", "tiny", "--dataset", "voc21"]
+    with pytest.raises(OvssError, match="no data root"):    # no synthetic data for this preset
+        plan_search(build_parser().parse_args([*base, "--preset", "reference"]))
+    plan = plan_search(build_parser().parse_args([*base, "--preset", "reference",
+                                                  "--data-root", str(voc_root)]))
+    assert plan.rerank_top == 1
+    assert plan.proxy.settings == {"prompt_classes": "all"}
+    assert plan.proxy.set == {"drop_iters": 1, "crf": False}
+    assert plan.resolved.defaults["drop_iters"] == 4 and plan.resolved.defaults["crf"] is True
+    assert plan.resolved.settings["prompt_classes"] == "present"    # inference: ours
+    ours = plan_search(build_parser().parse_args([*base, "--data-root", str(voc_root),
+                                                  "--rerank-top", "4"]))
+    assert ours.rerank_top == 4 and ours.proxy.settings == {}
+    one = plan_search(build_parser().parse_args([*base, "--data-root", str(voc_root)]))
+    assert one.rerank_top == 0 and one.proxy is None
+
+
 def straight_full_miou(voc_root, params):
     """The full pipeline (pool 2) of one config on every image, without the search."""
     from rewards.miou import MiouAccumulator
