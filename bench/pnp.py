@@ -1,7 +1,11 @@
 """Extract once, decode many vs the naive search, for `pnp` on the real-size BLIP-base ITM.
 
-    python bench/pnp.py                        # 4 images, 5 classes, 64 trials (~6 min)
-    python bench/pnp.py --images 1 --trials 8 --image-size 224    # quick look (~1 min)
+``python bench/pnp.py`` runs the two-stage search bench (bench/pnp_two_stage.py: 64 proxy trials
+at D = 1 without CRF, the top 4 re-ranked at D = 4 with CRF, against the naive search and the
+reference's own search procedure). ``--one-stage`` runs this file's first bench:
+
+    python bench/pnp.py --one-stage                       # 4 images, 5 classes, 64 trials
+    python bench/pnp.py --one-stage --images 1 --trials 8 --image-size 224    # quick look
 
 Model: ``BlipForImageTextRetrieval(BlipConfig())`` with the text encoder's 12 heads of the
 released blip-itm-base checkpoints (BlipConfig's default is 8 heads, the architecture is
@@ -62,8 +66,10 @@ def trials(n: int, seed: int, drop_iters: int, crf: bool) -> list[dict]:
     return out[:n]
 
 
-def main(argv: list[str] | None = None) -> int:
+def one_stage(argv: list[str] | None = None) -> int:
+    """The first benchmark: every trial at D, no re-ranking (``--one-stage``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--one-stage", action="store_true")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--trials", type=int, default=64)
     ap.add_argument("--naive-trials", type=int, default=1,
@@ -152,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
           f"base {ev.nbytes() / 1e6:.2f} MB, one chain {extra.nbytes() / 1e6:.3f} MB)")
     print(f"ratio={naive / ours_total:.1f} evidence_mb={mb:.2f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--one-stage" in args:
+        return one_stage(argv)
+    from bench.pnp_two_stage import two_stage
+
+    return two_stage(argv)
 
 
 if __name__ == "__main__":

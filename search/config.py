@@ -101,6 +101,15 @@ class DatasetOverride(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class ProxySpec(_Strict):
+    """The search stage of a two-stage search (``search.run --rerank-top K``): settings and knob
+    values that replace the method's for the proxy trials (e.g. PnP ``drop_iters: 1``,
+    ``crf: false``); the K best are then re-scored with the full pipeline (search/rerank.py)."""
+
+    settings: dict[str, Any] = Field(default_factory=dict)
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
 class Preset(_Strict):
     backbone: str | None = None
     dataset: str | None = None
@@ -109,6 +118,8 @@ class Preset(_Strict):
     max_images: int | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
     set: dict[str, Any] = Field(default_factory=dict)
+    proxy: ProxySpec | None = None      # merged over the method's proxy
+    rerank_top: int | None = Field(default=None, ge=1)   # default of --rerank-top
 
 
 class MethodSpec(_Strict):
@@ -132,9 +143,19 @@ class MethodSpec(_Strict):
         for bb in self.backbones.values():
             fields.update(bb.model_extra or {})
         return sorted(fields)
+    proxy: ProxySpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MethodSpec:
+        proxies = [("proxy", self.proxy)] + [(f"presets.{n}.proxy", p.proxy)
+                                             for n, p in self.presets.items()]
+        for where, proxy in proxies:
+            for k in (proxy.settings if proxy else {}):
+                if k not in self.settings:
+                    raise ValueError(f"{where}.settings.{k}: not a setting of the method")
+            for k in (proxy.set if proxy else {}):
+                if k not in self.defaults:
+                    raise ValueError(f"{where}.set.{k}: knob has no entry in defaults")
         if self.default_backbone not in self.backbones:
             raise ValueError(f"default_backbone {self.default_backbone!r} is not in backbones")
         for name, bb in self.backbones.items():
@@ -225,6 +246,27 @@ def resolve(
         defaults[k] = _nearest(p, defaults[k])
     return ResolvedMethod(method=spec.method, backbone_name=name, backbone=loading,
                           settings=settings, defaults=defaults, space=space)
+
+
+def resolve_proxy(spec: MethodSpec, resolved: ResolvedMethod,
+                  preset: Preset | None = None) -> ProxySpec:
+    """The proxy of a two-stage search: the method's ``proxy`` with the preset's on top. A
+    proxy may fix only knobs the search does not sample (the re-ranked trials keep their
+    sampled values)."""
+    settings: dict[str, Any] = {}
+    fixed: dict[str, Any] = {}
+    for p in (spec.proxy, preset.proxy if preset else None):
+        if p is not None:
+            settings.update(p.settings)
+            fixed.update(p.set)
+    if not settings and not fixed:
+        raise OvssError(f"--rerank-top: method {spec.method} declares no proxy (a `proxy:` block "
+                        f"in conf/methods/{spec.method}.yaml)")
+    for k in fixed:
+        if k in resolved.space:
+            raise OvssError(f"proxy.set.{k}: the knob is searched; a proxy may fix only knobs "
+                            f"the search does not sample")
+    return ProxySpec(settings=settings, set=fixed)
 
 
 def _nearest(p: SpaceParam, v: Any) -> Any:

@@ -161,6 +161,11 @@ def run_search(plan) -> str:
             extraction_knobs=tuple(seg_cls.extraction_knobs), fidelity=bool(args.fidelity),
             device=device)
         ctx.settings_key = _settings_key(ctx)
+        search_ctx = ctx          # two-stage search (--rerank-top): trials run the proxy
+        if getattr(plan, "rerank_top", 0):
+            from search.rerank import proxy_context
+
+            search_ctx = proxy_context(ctx, plan.proxy)
 
         client = MlflowClient(plan.tracking_uri)   # (creates a sqlite store's file)
         try:
@@ -181,27 +186,34 @@ def run_search(plan) -> str:
                 if plan.reward["name"] == "clip" else "miou", {})
             try:
                 t0 = time.perf_counter()
-                n_new = extraction_pass(ctx, resources["extract_gpus"],
+                n_new = extraction_pass(search_ctx, resources["extract_gpus"],
                                         resources["extract_cpus"])
                 phases["extract"] = time.perf_counter() - t0
                 client.set_tag(parent_id, "ovss_extracted_images", str(n_new))
-                if ctx.extract_nodes:
-                    client.set_tag(parent_id, "ovss_extract_nodes", ",".join(ctx.extract_nodes))
+                if search_ctx.extract_nodes:
+                    client.set_tag(parent_id, "ovss_extract_nodes",
+                                   ",".join(search_ctx.extract_nodes))
                 fault_point("before_tuning")
                 t0 = time.perf_counter()
-                results = tune_search(plan, ctx, callback)
+                results = tune_search(plan, search_ctx, callback)
                 phases["tune"] = time.perf_counter() - t0
             finally:
                 callback.close_open_runs("KILLED")
             fault_point("after_tuning")
             t0 = time.perf_counter()
-            best = log_search_outputs(client, parent_id, plan, ctx, results, callback)
+            chosen = None
+            if getattr(plan, "rerank_top", 0):
+                from search.rerank import rerank
+
+                chosen = rerank(client, parent_id, plan, ctx, results)
+            best = log_search_outputs(client, parent_id, plan, ctx, results, callback, chosen)
             phases["outputs"] = time.perf_counter() - t0
             tracking.log_metrics(client, parent_id, {f"time/{k}_s": v for k, v in phases.items()},
                                  0)
             if callback.orphaned:
                 client.set_tag(parent_id, "ovss_orphaned_runs", str(len(callback.orphaned)))
-        return (f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
+        return ((chosen["summary"] + "\n" if chosen else "") +
+                f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
                 f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}\n"
                 f"export: python -m search.export --method {r.method} --backbone "
                 f"{r.backbone_name} --dataset {plan.dataset_name} --tracking-uri "

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "random-weight backbone of the real model class on a generated data set, "
                    "fully offline, 8 trials), or the method's own (clipseg: cra, sclip, naclip, "
                    "clearclip protocols; pnp: reference)")
+    p.add_argument("--rerank-top", type=int, metavar="K", help="two-stage search: tune with the "
+                   "method's cheaper `proxy` pipeline, then re-score the K best trials with the "
+                   "full pipeline on all tuning images and pick the winner among them")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted search of the same --name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -109,6 +112,8 @@ class Plan:
     cache_dir: Path
     storage: Path
     name: str
+    proxy: Any = None          # search.config.ProxySpec of a two-stage search, else None
+    rerank_top: int = 0        # K of --rerank-top (0: one stage)
 
 
 def plan_search(args: argparse.Namespace) -> Plan:
@@ -142,6 +147,14 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise OvssError(f"--cpus-per-extract {args.cpus_per_extract}: must be positive")
     if args.rungs < 1:
         raise OvssError(f"--rungs {args.rungs}: must be at least 1")
+    rerank_top = getattr(args, "rerank_top", None)
+    if rerank_top is None and preset is not None:
+        rerank_top = preset.rerank_top
+    proxy = None
+    if rerank_top is not None:
+        if rerank_top < 1:
+            raise OvssError(f"--rerank-top {rerank_top}: must be at least 1")
+        proxy = cfg.resolve_proxy(spec, resolved, preset)
 
     root = args.data_root
     if root is None and args.preset == "smoke":   # only smoke brings its own data
@@ -190,7 +203,8 @@ def plan_search(args: argparse.Namespace) -> Plan:
                 classes=data.classes, items=items, rungs=rungs, reward=reward,
                 num_samples=num_samples, tracking_uri=tracking_uri,
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
-                storage=Path(args.storage or work / "ray_results").resolve(), name=name)
+                storage=Path(args.storage or work / "ray_results").resolve(), name=name,
+                proxy=proxy, rerank_top=int(rerank_top or 0))
     return plan
 
 

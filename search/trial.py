@@ -117,6 +117,8 @@ def evidence_for(ctx: SearchContext, item: ImageItem, params: Mapping[str, Any])
     if not ctx.extraction_knobs:
         return ev
     knobs = {k: params[k] for k in ctx.extraction_knobs}
+    if not getattr(get_segmenter_class(ctx.method), "needs_extension", lambda _k: True)(knobs):
+        return ev                   # e.g. PnP with D = 1: no image read, no empty cache entry
     xkey = ctx.extension_key(item, knobs)
     extra = cache.get(ctx.method, xkey)
     if extra is None:

@@ -268,7 +268,10 @@ def best_result(results, searched: list[str]) -> dict[str, Any]:
     return max(full, key=lambda r: r["score"]), rows
 
 
-def log_search_outputs(client, parent_id: str, plan, ctx, results, callback) -> dict[str, Any]:
+def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
+                       chosen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Best config, plots and overlays on the parent run; ``chosen`` (a two-stage search's
+    re-ranked winner, search/rerank.py) replaces the best proxy trial."""
     import yaml
 
     from search import tracking
@@ -277,6 +280,7 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback) -> 
 
     r = plan.resolved
     best, rows = best_result(results, list(r.space))
+    best = chosen or best
     params = full_params(r.defaults, best["params"])
     best_run = callback.runs.get(best["trial_id"]) if best["trial_id"] else None
     config = {
@@ -289,6 +293,8 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback) -> 
                        "tracking_uri": plan.tracking_uri, "code_version": code_version(r.method),
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     }
+    if chosen is not None:
+        config["rerank"] = chosen["record"]
     tracking.log_metrics(client, parent_id, {"best_score": best["score"],
                                              "trials": len(rows)}, 0)
     for k, v in best["params"].items():  # tags, not params: a resumed search may change them

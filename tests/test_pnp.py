@@ -306,7 +306,8 @@ def test_yaml_has_the_paper_solution_and_a_fast_smoke_preset():
         "layer": 8, "head": 10, "threshold": 0.15, "sigma": 0.05}
     bt = resolve(spec, backbone="bridgetower-large")
     assert (bt.defaults["layer"], bt.defaults["head"]) == (2, 8)
-    assert (bt.space["layer"].high, bt.space["head"].high) == (6, 16)
+    assert (bt.space["layer"].high, bt.space["head"].high) == (5, 16)   # 6 minus the empty last
+    assert blip.space["layer"].high == 11
     smoke = resolve(spec, backbone="tiny", dataset="voc21", preset=spec.presets["smoke"])
     assert smoke.defaults["crf"] is False and spec.presets["smoke"].num_samples == 8
     assert set(SEGMENTER.extraction_knobs) <= set(blip.defaults)

@@ -19,7 +19,12 @@ rows), ``formulas`` (steps 2-4, one function per term), ``postprocess`` (step 5)
 per-(layer, head) pipeline, ground truth for the tests and the naive baseline of the bench).
 Choices where the paper is silent are listed in docs/pnp.md and in the module docstrings:
 
-- layer and head are 1-based (the paper's L8 H10 = code indices 7 and 9).
+- layer and head are 1-based (the paper's L8 H10 = code indices 7 and 9); the last layer's
+  class maps are 0 by construction (only the first text row reaches the ITM head), so the
+  default space leaves it out.
+- the prompt lists the present classes (``prompt_classes: present``) or every class with the
+  present ones' maps picked out (``all``, the reference's search); ``prompt_names`` holds the
+  reference's class names per data set (conf/methods/pnp.yaml ``datasets``).
 - ITM text: BLIP's first token is replaced by ``[ENC]`` when the tokenizer has it (the original
   BLIP / LAVIS ITM; ``enc_token: false`` keeps ``[CLS]`` as transformers' examples do).
 - drop rule: ``top_k`` (k = 10, the reference code), ``halving`` (first release) or ``above``

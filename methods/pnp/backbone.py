@@ -44,6 +44,8 @@ TINY_WORDS = (
     "a picture of aeroplane bicycle bird boat bottle bus car cat chair cow dog horse person sheep "
     "sofa train background table plant monitor"
 )
+#: Initialiser std of the tiny vision towers (see ``_tiny_config``).
+TINY_INIT_STD = 0.2
 #: Word pieces so that some class names split into several tokens (word-piece mean tested).
 TINY_PIECES = ("potted", "##plant", "tv", "##monitor", "dining", "##table", "motor", "##bike")
 
@@ -162,8 +164,13 @@ def _tiny_config(arch: str, c: Mapping[str, int], vocab: int, tok: Any) -> Any:
     from transformers import BlipConfig, BridgeTowerConfig
 
     w, n, h, ff = c["width"], c["layers"], c["heads"], c["intermediate"]
+    # BlipVisionConfig initialises with std 1e-10 (the released weights replace it): random
+    # weights that small leave the image almost without effect on the maps (the drop fill, the
+    # pixels). TINY_INIT_STD (BERT's 0.02 is too small at width 32) makes the image matter;
+    # tests/test_pnp.py checks that it does.
     vision = {"hidden_size": w, "num_hidden_layers": n, "num_attention_heads": h,
-              "intermediate_size": ff, "image_size": c["image_size"], "patch_size": c["patch_size"]}
+              "intermediate_size": ff, "image_size": c["image_size"], "patch_size": c["patch_size"],
+              "initializer_range": TINY_INIT_STD}
     text = {"hidden_size": w, "num_hidden_layers": n, "num_attention_heads": h,
             "intermediate_size": ff, "vocab_size": vocab, "max_position_embeddings": 128,
             "pad_token_id": tok.pad_token_id}

@@ -4,7 +4,8 @@ the naive search of ``bench/pnp.py`` (what the paper's code runs per configurati
 Each pass is the reference code's GradCAM pass (LAVIS ``compute_gradcam``): the image tensor
 requires a gradient, the ITM match logit is back-propagated through the whole model (the vision
 tower included, down to the pixels), a tensor hook on the chosen layer's cross-attention catches
-``∂s/∂A``, and one head is kept. The class maps are word-piece means written as plain loops.
+``∂s/∂A``, and one head is kept. The class maps are word-piece means written as plain loops, and
+the dropped patches are filled by a loop with the reference's fill value written out here.
 Nothing here is shared with the extract/decode path except the step-4/5 formulas (tested
 against their own transcriptions) and the prompt.
 """
@@ -20,7 +21,6 @@ from PIL import Image
 
 from methods.base import ClassSet
 from methods.pnp.formulas import (
-    drop_patches,
     dropout_aggregate,
     relative_threshold,
     salience_dropout_selection,
@@ -75,11 +75,34 @@ def class_token_sum(gradcam: torch.Tensor, groups: Sequence[Sequence[int]],
     return u
 
 
+def reference_fill(seg: Any) -> torch.Tensor:
+    """The normalised value of dropped pixels, ``[3]``, written out from the reference: it zeroes
+    the already-normalised tensor (``seg.py`` L595-603), so "mean" is 0, the mean colour; "black"
+    is pixel 0 normalised, ``(0 - mean) / std`` per channel."""
+    if seg.settings["drop_fill"] == "mean":
+        return torch.tensor([0.0, 0.0, 0.0])
+    return torch.tensor([(0.0 - m) / d for m, d in zip(seg.vlm.mean, seg.vlm.std)])
+
+
+def prompt_and_groups(seg: Any, classes: ClassSet, labels: Sequence[int]):
+    """The prompt and the token rows of each class of ``labels``: with ``prompt_classes: all``
+    the prompt lists every foreground class and the present ones are picked out (the
+    reference's search scripts, v1 ``…_search_VOC.py`` L170 and L368)."""
+    listed = list(classes.foreground) if seg.settings["prompt_classes"] == "all" else labels
+    prompt = seg.prompt(classes, listed)
+    groups = []
+    for c in labels:
+        for k, other in enumerate(listed):
+            if other == c:
+                groups.append(prompt.groups[k])
+    return prompt, groups
+
+
 def drop_chain_maps(seg: Any, image: np.ndarray, classes: ClassSet, labels: Sequence[int],
                     layer: int, head: int, drop_iters: int) -> list[torch.Tensor]:
     """The D masked maps ``M~^(t)`` (``[K, N]`` each) of one 1-based (layer, head)."""
     s = seg.settings
-    prompt = seg.prompt(classes, labels)
+    prompt, groups = prompt_and_groups(seg, classes, labels)
     pixels = seg.preprocess(image)
     n = seg.grid * seg.grid
     dropped = torch.zeros(n, dtype=torch.bool)
@@ -89,12 +112,19 @@ def drop_chain_maps(seg: Any, image: np.ndarray, classes: ClassSet, labels: Sequ
         if t > 0:
             dropped = salience_dropout_selection(u, dropped, s["drop_rule"], t - 1,
                                                  int(s["drop_k"]), float(s["drop_threshold"]))
-        x = drop_patches(pixels, dropped, seg.vlm.patch, seg.fill_value())
+        x = pixels.clone()
+        fill = reference_fill(seg)
+        q, grid = seg.vlm.patch, seg.grid
+        for i in range(n):
+            if dropped[i]:
+                r, c = divmod(i, grid)
+                for ch in range(3):
+                    x[0, ch, r * q:(r + 1) * q, c * q:(c + 1) * q] = fill[ch]
         g = single_head_gradcam(seg, x, prompt, layer - 1, head - 1)
-        m = word_piece_means(g, prompt.groups)
+        m = word_piece_means(g, groups)
         m[:, dropped] = 0.0
         maps.append(m)
-        u = class_token_sum(g, prompt.groups, dropped)
+        u = class_token_sum(g, groups, dropped)
     return maps
 
 

@@ -23,6 +23,8 @@ pass). ``decode`` (knobs ``threshold``, ``sigma``, ``crf`` and the three above) 
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,16 +55,39 @@ SETTINGS: dict[str, Any] = {
     "drop_fill": "mean", "first_weight": 2.0, "work_max_side": 512,
     "evidence_dtype": "float16", "presence": "clip", "presence_model": "ViT-B-16-quickgelu",
     "presence_pretrained": "openai", "presence_path": None, "presence_threshold": 0.1,
+    "presence_source": "model", "prompt_classes": "present", "prompt_names": {},
     **CRF_DEFAULTS,
 }
 #: Settings that change extract's or extend's output (the CRF ones only change decode).
 EXTRACT_SETTINGS = ("image_size", "prompt_prefix", "squash_names", "enc_token", "drop_rule",
                     "drop_k", "drop_threshold", "drop_fill", "work_max_side", "evidence_dtype",
                     "presence", "presence_model", "presence_pretrained", "presence_path",
-                    "presence_threshold")
+                    "presence_threshold", "presence_source", "prompt_classes", "prompt_names")
+#: Where a search takes each image's present classes from (search/ passes ``present`` to
+#: extract only for the last two; ``model``: ``present=None``, the presence filter decides).
+PRESENCE_SOURCES = ("model", "image_labels", "ground_truth")
+#: ``present``: the prompt lists the present classes (the reference's inference); ``all``: it
+#: lists every class of the class set and the present classes' maps are picked out of it (the
+#: reference's search scripts).
+PROMPT_CLASSES = ("present", "all")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FILLS = ("mean", "black")
 VERSION = 1
+log = logging.getLogger(__name__)
+_WARNED_NO_ENC: set[str] = set()
+
+
+def warn_no_enc_token(backbone: str) -> None:
+    """Say once per process and backbone, loudly, that ITM runs on ``[CLS]``, not ``[ENC]``."""
+    if backbone in _WARNED_NO_ENC:
+        return
+    _WARNED_NO_ENC.add(backbone)
+    msg = (f"pnp backbone {backbone!r}: the tokenizer has no [ENC] token, so the ITM text starts "
+           f"with [CLS] (the original BLIP / the reference code use [ENC]); maps and scores "
+           f"differ from the reference. Set settings.enc_token=false to silence this, or use a "
+           f"tokenizer with [ENC] (docs/pnp.md)")
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    log.warning(msg)
 
 
 class PnPSegmenter(Segmenter):
@@ -82,6 +107,17 @@ class PnPSegmenter(Segmenter):
             if s[key] not in allowed:
                 raise OvssError(f"pnp: settings.{key} must be one of {sorted(allowed)}, "
                                 f"got {s[key]!r}")
+        for key, allowed in (("presence_source", PRESENCE_SOURCES),
+                             ("prompt_classes", PROMPT_CLASSES)):
+            if s[key] not in allowed:
+                raise OvssError(f"pnp: settings.{key} must be one of {list(allowed)}, "
+                                f"got {s[key]!r}")
+        names = s["prompt_names"]
+        if not isinstance(names, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and v.strip()
+                for k, v in names.items()):
+            raise OvssError(f"pnp: settings.prompt_names must map class names to non-empty "
+                            f"prompt names, got {names!r}")
         if int(s["image_size"]) % vlm.patch:
             raise OvssError(f"pnp: settings.image_size {s['image_size']} is not a multiple of "
                             f"the patch size {vlm.patch}")
@@ -92,6 +128,8 @@ class PnPSegmenter(Segmenter):
         self.mean = torch.tensor(vlm.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(vlm.std, dtype=torch.float32).view(3, 1, 1)
         self._presence: PresenceFilter | None = None
+        if s["enc_token"] and vlm.arch == "blip" and vlm.enc_token_id is None:
+            warn_no_enc_token(str(backbone.get("name", "?")))
 
     @classmethod
     def from_spec(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
@@ -129,9 +167,26 @@ class PnPSegmenter(Segmenter):
                 return chosen
         return sorted({int(c) for c in self.presence_filter(image, classes)} & fg)
 
+    def prompt_labels(self, classes: ClassSet, labels: Sequence[int]) -> list[int]:
+        """The label values the prompt lists: ``labels`` (``prompt_classes: present``) or every
+        foreground class (``all``)."""
+        if self.settings["prompt_classes"] == "all" and labels:
+            return list(classes.foreground)
+        return list(labels)
+
+    def picked(self, classes: ClassSet, labels: Sequence[int]) -> tuple[Prompt, list[int]]:
+        """The prompt and, for each of ``labels``, its class index in the prompt."""
+        listed = self.prompt_labels(classes, labels)
+        return self.prompt(classes, listed), [listed.index(c) for c in labels]
+
+    def prompt_name(self, classes: ClassSet, label: int) -> str:
+        """The text of class ``label`` in the prompt: ``prompt_names[names[label]]`` (the
+        reference's names, a data set setting) or its first prompt, squashed."""
+        name = self.settings["prompt_names"].get(classes.names[label], classes.prompts[label][0])
+        return class_text(name, bool(self.settings["squash_names"]))
+
     def prompt(self, classes: ClassSet, labels: Sequence[int]) -> Prompt:
-        names = [class_text(classes.prompts[c][0], bool(self.settings["squash_names"]))
-                 for c in labels]
+        names = [self.prompt_name(classes, c) for c in labels]
         enc = self.vlm.enc_token_id if self.settings["enc_token"] else None
         return build_prompt(self.vlm.tokenizer, names, self.settings["prompt_prefix"], enc)
 
@@ -180,10 +235,10 @@ class PnPSegmenter(Segmenter):
         rgb = image if size == image.shape[:2] else np.asarray(
             Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
         if labels:
-            prompt = self.prompt(classes, labels)
+            prompt, pick = self.picked(classes, labels)
             g = self.gradcam_pass(self.preprocess(image), prompt, range(L))   # L x H x T x P²
-            maps = class_salience(g, prompt.groups)                            # L x H x K x P²
-            salience = aggregated_salience(g, prompt.class_rows)               # L x H x P²
+            maps = class_salience(g, [prompt.groups[k] for k in pick])         # L x H x K x P²
+            salience = aggregated_salience(g, picked_rows(prompt, pick))       # L x H x P²
         else:
             maps, salience = torch.zeros(L, H, 0, P * P), torch.zeros(L, H, P * P)
         tensors = {"salience": salience.view(L, H, P, P).contiguous(),
@@ -212,6 +267,13 @@ class PnPSegmenter(Segmenter):
         return m
 
     @staticmethod
+    def needs_extension(knobs: Mapping[str, Any]) -> bool:
+        """Whether ``extend`` adds anything for these extraction knobs: only with D > 1 (with
+        D = 1 the first pass, in ``extract``, is the whole of step 4; the search then skips
+        ``extend``: no image read, no empty cache entry)."""
+        return int(knobs.get("drop_iters", 1)) > 1
+
+    @staticmethod
     def check_knobs(knobs: Mapping[str, Any], layers: int, heads: int) -> tuple[int, int, int]:
         """1-based (layer, head) and D from ``knobs``, validated."""
         layer, head, d = int(knobs["layer"]), int(knobs["head"]), int(knobs["drop_iters"])
@@ -235,7 +297,8 @@ class PnPSegmenter(Segmenter):
         dropped = torch.zeros(P * P, dtype=torch.bool)
         chain, masks = [], []
         if labels and d > 1:
-            prompt = self.prompt(classes, labels)
+            prompt, pick = self.picked(classes, labels)
+            groups, rows = [prompt.groups[k] for k in pick], picked_rows(prompt, pick)
             pixels, fill = self.preprocess(image), self.fill_value()
             u = evidence.tensors["salience"][layer - 1, head - 1].flatten().float()
             for t in range(1, d):
@@ -243,9 +306,9 @@ class PnPSegmenter(Segmenter):
                                                      int(s["drop_k"]), float(s["drop_threshold"]))
                 x = drop_patches(pixels, dropped, self.vlm.patch, fill)
                 g = self.gradcam_pass(x, prompt, [layer - 1])[0, head - 1]      # T x P²
-                chain.append(dropout_masked_map(class_salience(g, prompt.groups), dropped))
+                chain.append(dropout_masked_map(class_salience(g, groups), dropped))
                 masks.append(dropped.clone())
-                u = aggregated_salience(g, prompt.class_rows, dropped)
+                u = aggregated_salience(g, rows, dropped)
         k = len(labels)
         tensors = {
             "chain": (torch.stack(chain) if chain else torch.zeros(0, k, P * P)).view(-1, k, P, P),
@@ -285,6 +348,11 @@ class PnPSegmenter(Segmenter):
         lut = np.asarray(([0] if meta["background"] else []) + list(meta["present"]) or [0],
                          np.int64)
         return resize_nearest(lut[idx], tuple(meta["image_size"]))
+
+
+def picked_rows(prompt: Prompt, pick: Sequence[int]) -> list[int]:
+    """The token rows of the picked classes (the rows U, the drop salience, sums)."""
+    return [r for k in pick for r in prompt.groups[k]]
 
 
 def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
