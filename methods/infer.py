@@ -96,6 +96,29 @@ def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -
         check_knob_value(k, v, defaults[k], space.get(k), f"{where}: params.{k}", kind_only=True)
 
 
+def presence_for_inference(config: Mapping[str, Any], classes: ClassSet,
+                           given: str | None) -> list[int] | None:
+    """The ``present`` classes for inference: by default what the config was tuned with
+    (``settings.presence_source``: ``model`` -> None, the method finds them itself); a config
+    tuned on image labels or ground truth has none at inference, and ``--present`` overrides;
+    both of these are said on stderr."""
+    source = (config.get("settings") or {}).get("presence_source", "model")
+    if given is None:
+        if source != "model":
+            print(f"note: this config was tuned with presence_source={source}; no --present "
+                  "given, so the method finds the classes in the image itself", file=sys.stderr)
+        return None
+    names = [c.strip() for c in given.split(",") if c.strip()]
+    unknown = [n for n in names if n not in classes.names]
+    if not names or unknown:
+        raise OvssError(f"--present {given!r}: give names from --classes"
+                        + (f" (not in it: {', '.join(unknown)})" if unknown else ""))
+    if source == "model":
+        print("note: this config was tuned with presence_source=model; using the given "
+              "--present classes instead of the method's own", file=sys.stderr)
+    return sorted(classes.names.index(n) for n in names)
+
+
 def check_device(device: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N`` that torch can use here; OvssError naming it otherwise."""
     import torch
@@ -182,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--classes", required=True, help='comma-separated class names: "cat,dog"')
     p.add_argument("--out", required=True, help="output label map PNG")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--present", help="comma-separated image-level labels (a subset of "
+                   "--classes) handed to the method as the classes in the image; default: as "
+                   "the config was tuned (presence_source model: the method finds them itself)")
     args = p.parse_args(argv)
     try:
         from methods.io import load_image
@@ -197,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = load_image(args.image)  # corrupt, or above the pixel limit: refused here
         seg = TunedSegmenter.from_file(args.config, args.device)
         cs = seg.class_set(names)
-        pred = seg(image, cs)
+        present = presence_for_inference(seg.config, cs, args.present)
+        pred = seg(image, cs, present)
         save_label_map(pred, out)
         save_png(overlay(image, pred), out.with_name(out.stem + "_overlay.png"))
     except OvssError as e:

@@ -159,7 +159,7 @@ def run_search(plan) -> str:
             classes=plan.classes.to_dict(), dataset=plan.data_kwargs, items=plan.items,
             rungs=plan.rungs, reward=plan.reward, cache_dir=str(plan.cache_dir),
             extraction_knobs=tuple(seg_cls.extraction_knobs), fidelity=bool(args.fidelity),
-            device=device)
+            device=device, presence_source=r.settings.get("presence_source", "model"))
         ctx.settings_key = _settings_key(ctx)
         search_ctx = ctx          # two-stage search (--rerank-top): trials run the proxy
         if getattr(plan, "rerank_top", 0):
@@ -175,7 +175,7 @@ def run_search(plan) -> str:
                             f"{str(e).splitlines()[0]}") from None
         tags = {"ovss_method": r.method, "ovss_backbone": r.backbone_name,
                 "ovss_dataset": plan.dataset_name, "ovss_reward": plan.reward["name"],
-                "ovss_search_name": plan.name}
+                "ovss_search_name": plan.name, "ovss_presence_source": ctx.presence_source}
         with tracking.parent_run(client, exp_id, plan.name, tags, reopen) as parent_id:
             from search.tune import extraction_pass, log_search_outputs, tune_search
 
@@ -183,7 +183,8 @@ def run_search(plan) -> str:
                 _log_plan(client, parent_id, plan, ctx)
             callback = tracking.MlflowTrialCallback(
                 plan.tracking_uri, exp_id, parent_id, plan.reward["name"] + "_score"
-                if plan.reward["name"] == "clip" else "miou", {})
+                if plan.reward["name"] == "clip" else "miou", {},
+                tags={"ovss_presence_source": ctx.presence_source})
             try:
                 t0 = time.perf_counter()
                 n_new = extraction_pass(search_ctx, resources["extract_gpus"],

@@ -170,6 +170,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
                    "labels": labels_mode}
     if args.image_labels:
         data_kwargs["image_labels_file"] = str(Path(args.image_labels).resolve())
+    _presence_source(resolved.settings, args, root, labels_mode, data_kwargs)
     data = open_dataset(**data_kwargs)
     max_images = args.max_images or (preset.max_images if preset else None)
     n = len(data) if not max_images else min(max_images, len(data))
@@ -245,6 +246,28 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, d in [("--cache-dir", args.cache_dir), ("--storage", args.storage)]:
         if d and Path(d).exists() and not Path(d).is_dir():
             raise OvssError(f"{flag} {d}: is a file, not a directory")
+
+
+def _presence_source(settings: dict, args: argparse.Namespace, root, labels_mode: str,
+                     data_kwargs: dict) -> str:
+    """``settings.presence_source``, checked against what the data set can give: where the
+    present classes handed to ``extract`` come from (see search.trial.SearchContext)."""
+    from search.trial import PRESENCE_SOURCES
+
+    source = settings.get("presence_source", "model")
+    if source not in PRESENCE_SOURCES:
+        raise OvssError(f"settings.presence_source {source!r}: choose one of "
+                        f"{', '.join(PRESENCE_SOURCES)}")
+    if source == "image_labels" and "image_labels_file" not in data_kwargs:
+        default = Path(root) / "image_labels.json"
+        if not default.is_file():
+            raise OvssError("settings.presence_source image_labels: no image-label file (give "
+                            f"--image-labels FILE, or put {default})")
+        data_kwargs["image_labels_file"] = str(default.resolve())
+    if source == "ground_truth" and labels_mode != "dense":
+        raise OvssError("settings.presence_source ground_truth reads the dense label maps: with "
+                        "--reward clip add --fidelity on a labelled split, or use image_labels")
+    return source
 
 
 def _rungs(n: int, k: int) -> list[int]:

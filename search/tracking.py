@@ -125,8 +125,10 @@ class MlflowTrialCallback(tune.Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 metric_name: str, fixed_params: Mapping[str, Any]):
+                 metric_name: str, fixed_params: Mapping[str, Any],
+                 tags: Mapping[str, str] | None = None):
         self.tracking_uri = tracking_uri
+        self.tags = dict(tags or {})        # set on every child run (e.g. the presence source)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.metric_name = metric_name
@@ -219,7 +221,7 @@ class MlflowTrialCallback(tune.Callback):
             self.numbers[trial.trial_id] = n
             run = self.client.create_run(
                 self.experiment_id, run_name=f"trial-{n:03d}",
-                tags={"mlflow.parentRunId": self.parent_run_id, TAG_ROLE: "trial",
+                tags={**self.tags, "mlflow.parentRunId": self.parent_run_id, TAG_ROLE: "trial",
                       "ovss_trial_id": trial.trial_id, "ovss_trial_number": str(n)})
             self.runs[trial.trial_id] = run.info.run_id
             params = {**self.fixed_params, **(trial.config or {})}

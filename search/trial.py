@@ -20,6 +20,8 @@ from methods import get_segmenter_class
 from methods.base import ClassSet, Evidence, OvssError, Segmenter
 from search.cache import EvidenceCache, evidence_key
 
+PRESENCE_SOURCES = ("model", "image_labels", "ground_truth")
+
 
 class TrialScoreError(RuntimeError):
     """A trial's score is not a finite number (NaN or inf)."""
@@ -50,6 +52,14 @@ class SearchContext:
     fidelity: bool = False
     device: str = "cpu"
     extract_nodes: list[str] = field(default_factory=list)   # Ray node ids that extracted
+    # Where extract's present classes come from (settings.presence_source): "model" (None: the
+    # method finds them itself, as at inference), "image_labels" or "ground_truth" (the
+    # image-level labels; ground truth is an oracle, used only when asked for by name).
+    presence_source: str = "model"
+
+    def extract_present(self, item: ImageItem) -> list[int] | None:
+        """The ``present`` argument of extract/extend for ``item``."""
+        return None if self.presence_source == "model" else list(item.present)
 
     @property
     def class_set(self) -> ClassSet:
@@ -58,11 +68,11 @@ class SearchContext:
     def base_key(self, item: ImageItem) -> str:
         # The image-level labels are an input of extract (PnP's prompt lists the present classes).
         return evidence_key(item.image_hash, self.method, self.settings_key,
-                            {"present": list(item.present)})
+                            {"present": self.extract_present(item)})
 
     def extension_key(self, item: ImageItem, knobs: Mapping[str, Any]) -> str:
         return evidence_key(item.image_hash, self.method, self.settings_key,
-                            {"present": list(item.present), **knobs})
+                            {"present": self.extract_present(item), **knobs})
 
 
 _MEMO: dict[str, Any] = {}
@@ -102,7 +112,7 @@ def extract_item(ctx: SearchContext, item: ImageItem) -> bool:
         return False
     seg = get_segmenter(ctx)
     image = get_dataset(ctx).image(item.index)
-    ev = seg.extract(image, ctx.class_set, list(item.present))
+    ev = seg.extract(image, ctx.class_set, ctx.extract_present(item))
     cache.put(ctx.method, key, ev)
     return True
 
@@ -124,7 +134,7 @@ def evidence_for(ctx: SearchContext, item: ImageItem, params: Mapping[str, Any])
     if extra is None:
         seg = get_segmenter(ctx)
         image = get_dataset(ctx).image(item.index)
-        extra = seg.extend(ev, image, ctx.class_set, list(item.present), knobs)
+        extra = seg.extend(ev, image, ctx.class_set, ctx.extract_present(item), knobs)
         cache.put(ctx.method, xkey, extra)
     return ev.merged(extra)
 

@@ -69,7 +69,8 @@ class ToySegmenter(Segmenter):
         cols = torch.from_numpy(np.stack([class_colour(p[0]) for p in classes.prompts]))
         aff = -torch.cdist(img.reshape(-1, 3), cols).reshape(*image.shape[:2], -1)
         return Evidence({"affinity": aff.permute(2, 0, 1).contiguous()},
-                        {"background": classes.background})
+                        {"background": classes.background,
+                         "present": None if present is None else [int(c) for c in present]})
 
     def extend(self, evidence, image, classes, present, knobs):
         CALLS["extend"] += 1
