@@ -382,3 +382,24 @@ def test_docker_build_step_builds_and_smoke_tests_the_tag_with_an_engine(tmp_pat
     assert calls[0] == "info"
     assert calls[1] == f"build -f infra/Dockerfile -t {tag} ."
     assert calls[2].startswith(f"run --rm {tag} python -c")
+
+
+def test_readme_cluster_section_commands_parse_and_name_the_infra_files():
+    from search.run import build_parser
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    # ray:// needs ray[client] (grpcio), not installed: nothing may advertise it as an address.
+    for f in (REPO / "README.md", *INFRA.iterdir()):
+        assert not re.search(r"address[ =]+`?ray://", f.read_text()), f
+    blocks = re.findall(r"```\n(.+?)\n```", section, re.S)
+    search_cmd = next(b for b in blocks if "-m search.run" in b).replace("\\\n", " ")
+    argv = shlex.split(search_cmd.split("-m search.run", 1)[1])
+    args = build_parser().parse_args(argv)
+    cfg = _ray_config()
+    assert args.address == "auto" and args.cache_dir.startswith("/mnt/ovss/")
+    assert "/mnt/ovss/cache" in " ".join(cfg["setup_commands"])
+    assert "RAY_AUTH_MODE" in section and "RAY_AUTH_TOKEN" in section
+    for f in ("infra/ray-cluster.yaml", "infra/kuberay.yaml", "infra/Dockerfile"):
+        assert f in section and (REPO / f).is_file()
+    assert f"-t {dockerfile_tag()} " in section
