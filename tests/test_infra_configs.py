@@ -354,6 +354,35 @@ def test_dockerfile_pins_match_setup_sh_and_the_installed_ray():
     assert dockerfile_tag() == "ovss-tune:0.1.0"
 
 
+def test_dockerfile_copies_what_the_package_needs(tmp_path):
+    """The image's final check (`import search.run` from the copied tree) passes on exactly the
+    files the Dockerfile copies: nothing imports bench/, tests/ or docs/."""
+    import shutil
+    import sys
+
+    text = (INFRA / "Dockerfile").read_text()
+    copied = [src for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M)
+              for src in line.split()[:-1]]
+    assert {"pyproject.toml", "conf", "search", "methods", "rewards"} <= set(copied)
+    for src in copied:
+        dst = tmp_path / "img" / src
+        if (REPO / src).is_dir():
+            shutil.copytree(REPO / src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / src, dst)
+    env = {k: v for k, v in os.environ.items() if k not in ("OVSS_CONF_PATH",)}
+    env["PYTHONPATH"] = str(tmp_path / "img")
+    img = str(tmp_path / "img")
+    code = ("import search.run, methods.base as b; "
+            f"assert str(b.CONF_DIR).startswith({img!r}), b.CONF_DIR; "
+            "print(sorted(p.stem for p in (b.CONF_DIR / 'methods').glob('*.yaml')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "clipseg" in out.stdout
+
+
 def _fake_docker(tmp_path, info_rc: int):
     bindir = tmp_path / "bin"
     bindir.mkdir()
