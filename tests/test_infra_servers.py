@@ -43,6 +43,7 @@ def _start_script(tmp_path, allowed: str | None):
     return url, port, proc
 
 
+@pytest.mark.slow
 def test_mlflow_server_sh_allows_named_host_only(tmp_path):
     url, port, proc = _start_script(tmp_path, "mlflow")
     try:
@@ -135,6 +136,7 @@ def test_mlflow_server_on_postgresql_logs_and_reads_back(tmp_path):
     assert not pg.base.exists()
 
 
+@pytest.mark.slow
 def test_servers_fixture_sqlite_and_stop(tmp_path):
     url, proc = mlflow_server(tmp_path, f"sqlite:///{tmp_path}/m.db")
     try:
