@@ -8,13 +8,41 @@
 # password in MLFLOW_AUTH_ADMIN_PASSWORD (MLFLOW_AUTH_CONFIG_PATH may name your own ini); clients
 # then set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD. Searches log there with
 # --tracking-uri http://<host>:5000.
+#
+# Allowed hosts: MLflow answers 403 "Invalid Host header" to a request whose Host header it does
+# not know (its guard against DNS rebinding; by default it knows only localhost and private IPs).
+# MLFLOW_ALLOWED_HOSTS (comma list; a name without a port is allowed on any port, `*` wildcards
+# as in MLflow's --allowed-hosts) names the hosts clients use, e.g. MLFLOW_ALLOWED_HOSTS=mlflow
+# for --tracking-uri http://mlflow:5000. On a non-loopback MLFLOW_HOST it defaults to "mlflow"
+# and this machine's host names. localhost and private IPs stay allowed either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOST=${MLFLOW_HOST:-127.0.0.1}
 PORT=${MLFLOW_PORT:-5000}
 BACKEND=${MLFLOW_BACKEND:-sqlite:///$PWD/mlflow.db}
 ARTIFACTS=${MLFLOW_ARTIFACTS:-$PWD/mlartifacts}
+MLFLOW=${MLFLOW_BIN:-.venv/bin/mlflow}
+case "$HOST" in
+  127.*|localhost|::1) ALLOWED=${MLFLOW_ALLOWED_HOSTS:-} ;;
+  *) ALLOWED=${MLFLOW_ALLOWED_HOSTS:-mlflow,$(hostname -s 2>/dev/null || hostname),$(hostname -f 2>/dev/null || hostname)} ;;
+esac
+EXTRA=()
+if [ -n "$ALLOWED" ]; then
+  hosts=""
+  IFS=, read -ra names <<< "$ALLOWED"
+  for h in "${names[@]}"; do
+    h=${h// /}
+    [ -n "$h" ] || continue
+    case "$h" in *:*|*\**) hosts+="$h," ;; *) hosts+="$h,$h:*," ;; esac
+  done
+  # MLflow's own defaults, which an explicit list replaces: loopback and private IPs.
+  hosts+="localhost,localhost:*,127.0.0.1,127.0.0.1:*,[::1],[[]::1]:*,10.*,192.168.*"
+  for i in $(seq 16 31); do hosts+=",172.$i.*"; done
+  EXTRA=(--allowed-hosts "$hosts")
+  echo "mlflow-server: allowed hosts: $ALLOWED (+ loopback, private IPs)" >&2
+fi
 AUTH=()
 if [ "${MLFLOW_AUTH:-0}" = "1" ]; then AUTH=(--app-name basic-auth); fi
-exec .venv/bin/mlflow server --host "$HOST" --port "$PORT" ${AUTH[@]+"${AUTH[@]}"} \
-  --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --serve-artifacts
+exec "$MLFLOW" server --host "$HOST" --port "$PORT" ${AUTH[@]+"${AUTH[@]}"} \
+  --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --serve-artifacts \
+  ${EXTRA[@]+"${EXTRA[@]}"}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
+
+from tests.servers import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def own_processes(marker: str) -> list[int]:
@@ -30,9 +31,3 @@ def kill_own(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -92,35 +93,13 @@ def test_search_on_a_two_node_cluster_uses_both_nodes(workdir, voc_root):
     assert parent.data.tags["ovss_extracted_images"] == "8"
 
 
-def _mlflow_server(tmp) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen(
-        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination",
-         f"{tmp}/artifacts", "--serve-artifacts"], cwd=tmp, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).read()
-            return url, proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start")
-
-
 @pytest.mark.slow
 def test_search_logs_to_an_mlflow_server_over_http_and_exports(ray_session, workdir, voc_root):
-    import signal
-
     from search.export import main as export_main
+    from tests.servers import mlflow_server, stop
 
-    server_dir = tempfile.mkdtemp(prefix="ovm", dir="/tmp")
-    url, proc = _mlflow_server(server_dir)
+    server_dir = Path(tempfile.mkdtemp(prefix="ovm", dir="/tmp"))
+    url, proc = mlflow_server(server_dir, f"sqlite:///{server_dir}/mlflow.db")
     try:
         assert run_main(_argv(voc_root, "--tracking-uri", url)) == 0
         client = MlflowClient(url)
@@ -136,8 +115,7 @@ def test_search_logs_to_an_mlflow_server_over_http_and_exports(ray_session, work
         assert export_main(["--method", "toy", "--tracking-uri", url, "--out", str(out)]) == 0
         assert "provenance" in out.read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        stop(proc)
 
 
 def _args(**kw):
