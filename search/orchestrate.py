@@ -203,6 +203,15 @@ def run_search(plan) -> str:
             fault_point("after_tuning")
             t0 = time.perf_counter()
             chosen = None
+            if callback.offline:
+                from search.tune import write_offline_outputs
+
+                path = write_offline_outputs(plan, results, parent_id, callback)
+                raise OvssError(
+                    f"the MLflow store {plan.tracking_uri} failed during the search "
+                    f"({callback.offline}); the search finished: its trials and best config are "
+                    f"in {path.parent}; push them with: python -m search.sync --name "
+                    f"{plan.name} --storage {plan.storage} --tracking-uri {plan.tracking_uri}")
             if getattr(plan, "rerank_top", 0):
                 from search.rerank import rerank
 

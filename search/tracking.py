@@ -65,7 +65,11 @@ def parent_run(
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(run_id, status=status)
+        try:
+            client.set_terminated(run_id, status=status)
+        except Exception:  # noqa: BLE001 - the store is gone: search.sync closes it later
+            if status == "FINISHED":
+                raise
 
 
 def _param_value(v: Any) -> str:
@@ -109,6 +113,25 @@ def _creation_number(trial, fallback: int) -> int:
     return int(head) - 1 if head.isdigit() and int(head) > 0 else fallback
 
 
+def _guarded(hook):
+    """A callback hook that never lets a tracking-store error end the search: the first error
+    is reported once, the callback goes offline (no more calls to the store), and trials go on;
+    their results stay in Tune's results directory for ``python -m search.sync``."""
+    import functools
+
+    @functools.wraps(hook)
+    def run(self, *args, **kwargs):
+        if self.offline:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any store failure: MlflowException, HTTP, OS
+            self.go_offline(e)
+            return None
+
+    return run
+
+
 class MlflowTrialCallback(tune.Callback):
     """Logs each Tune trial as a child run of the search's parent run (in the driver).
 
@@ -139,6 +162,7 @@ class MlflowTrialCallback(tune.Callback):
         self.ended: set[str] = set()        # trial_ids that completed or failed
         self.orphaned: list[str] = []       # run ids of a dead driver, closed KILLED
         self.reconciled = False
+        self.offline: str | None = None     # the store error that stopped logging, if any
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
@@ -153,6 +177,15 @@ class MlflowTrialCallback(tune.Callback):
 
     def set_state(self, state: dict) -> None:
         self.numbers.update(state.get("numbers", {}))
+
+    def go_offline(self, error: BaseException) -> None:
+        import sys
+
+        line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        self.offline = line
+        print(f"warning: the MLflow store {self.tracking_uri} failed ({line}); trials go on "
+              "and their results stay in Tune's results directory; push them when it is back "
+              "with python -m search.sync", file=sys.stderr)
 
     def unfinished(self) -> list[str]:
         """Trials that started but neither completed nor failed (the search was interrupted)."""
@@ -170,6 +203,7 @@ class MlflowTrialCallback(tune.Callback):
             f"tags.{TAG_ROLE} = 'trial'", max_results=50000,
             order_by=["attributes.start_time ASC"])
 
+    @_guarded
     def reconcile(self, trials) -> None:
         """Map the trials Tune knows (restored or new) to their existing child runs; close and
         tag the runs no known trial owns. Runs once, before any trial of this driver starts."""
@@ -228,9 +262,11 @@ class MlflowTrialCallback(tune.Callback):
             log_params(self.client, run.info.run_id, params)
         return self.runs[trial.trial_id]
 
+    @_guarded
     def on_step_begin(self, iteration, trials, **info):
         self.reconcile(trials)
 
+    @_guarded
     def on_trial_start(self, iteration, trials, trial, **info):
         self.reconcile(trials)
         run_id = self._run_for(trial)
@@ -241,6 +277,7 @@ class MlflowTrialCallback(tune.Callback):
                 if tag in self.client.get_run(run_id).data.tags:
                     self.client.delete_tag(run_id, tag)
 
+    @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         if trial.trial_id not in self.last:   # first result of this driver: where it runs
@@ -270,6 +307,7 @@ class MlflowTrialCallback(tune.Callback):
             log_metrics(self.client, run_id, final, int(last.get("images", 0)))
         self.client.set_terminated(run_id, status="FINISHED")
 
+    @_guarded
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         self._log_final(trial, run_id, self.last.get(trial.trial_id, {}))
@@ -290,6 +328,7 @@ class MlflowTrialCallback(tune.Callback):
             self.client.set_tag(run_id, "ovss_error_file", str(err))
         self.client.set_terminated(run_id, status="FAILED")
 
+    @_guarded
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         self._log_error(trial, run_id)
@@ -297,6 +336,8 @@ class MlflowTrialCallback(tune.Callback):
 
     def close_open_runs(self, status: str = "KILLED") -> None:
         """End every child run still RUNNING (Ctrl-C, driver error)."""
+        if self.offline:
+            return
         for run_id in self.runs.values():
             try:
                 if self.client.get_run(run_id).info.status == "RUNNING":

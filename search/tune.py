@@ -268,13 +268,11 @@ def best_result(results, searched: list[str]) -> dict[str, Any]:
     return max(full, key=lambda r: r["score"]), rows
 
 
-def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
-                       chosen: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Best config, plots and overlays on the parent run; ``chosen`` (a two-stage search's
-    re-ranked winner, search/rerank.py) replaces the best proxy trial."""
-    import yaml
-
-    from search import tracking
+def best_config(plan, results, parent_id: str, callback, chosen: dict[str, Any] | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """``(config, best, rows)``: the exported config of the best trial (``chosen``, a two-stage
+    search's re-ranked winner from search/rerank.py, replaces the best proxy trial), that trial's
+    row, and the rows of every scored trial."""
     from search.cache import code_version
     from search.space import full_params
 
@@ -295,6 +293,19 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
     }
     if chosen is not None:
         config["rerank"] = chosen["record"]
+    return config, best, rows
+
+
+def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
+                       chosen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Best config, plots and overlays on the parent run."""
+    import yaml
+
+    from search import tracking
+
+    r = plan.resolved
+    config, best, rows = best_config(plan, results, parent_id, callback, chosen)
+    params = config["params"]
     tracking.log_metrics(client, parent_id, {"best_score": best["score"],
                                              "trials": len(rows)}, 0)
     for k, v in best["params"].items():  # tags, not params: a resumed search may change them
@@ -396,3 +407,18 @@ def _fidelity(client, parent_id: str, rows, out: Path) -> None:
     tracking.log_metrics(client, parent_id, report, 0)
     if png.exists():
         client.log_artifact(parent_id, str(png), "plots")
+
+
+def write_offline_outputs(plan, results, parent_id: str, callback,
+                          chosen: dict[str, Any] | None = None) -> Path:
+    """The tracking store failed during the search: the best config goes next to Tune's results
+    (``<storage>/<name>/best_config.yaml``), where ``python -m search.sync`` finds it."""
+    import yaml
+
+    from methods.io import atomic_write
+
+    config, best, rows = best_config(plan, results, parent_id, callback, chosen)
+    config["provenance"]["trials"] = len(rows)
+    path = plan.storage / plan.name / "best_config.yaml"
+    atomic_write(path, yaml.safe_dump(config, sort_keys=False).encode())
+    return path
