@@ -107,7 +107,7 @@ def test_proxy_errors_are_one_line_and_come_before_ray(toy_conf, voc_root, capsy
     err = capsys.readouterr().err
     assert "error: --rerank-top 0: must be at least 1" in err and len(err.splitlines()) == 1
     assert run_main([*argv, "--preset", "reference"]) == 2
-    assert "has no preset 'reference'" in capsys.readouterr().err
+    assert "'reference': method toy has no such preset" in capsys.readouterr().err
 
 
 def test_reference_preset_plans_the_reference_search(voc_root):
