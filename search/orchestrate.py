@@ -78,13 +78,16 @@ def run_search(plan) -> str:
         reopen = tracking.previous_search_run(client, exp_id, plan.name) if args.resume \
             else None
         with tracking.parent_run(client, exp_id, plan.name, tags, reopen) as parent_id:
+            from search.holdout import dataset_input, finish_search
             from search.tune import extraction_pass, log_search_outputs, tune_search
 
             if reopen is None:
                 _log_plan(client, parent_id, plan, ctx)
+                client.log_inputs(parent_id, [dataset_input(plan)])
             callback = tracking.MlflowTrialCallback(
                 plan.tracking_uri, exp_id, parent_id, plan.reward["name"] + "_score"
                 if plan.reward["name"] == "clip" else "miou", {})
+            callback.dataset_input = dataset_input(plan)
             try:
                 n_new = extraction_pass(ctx, args.gpus_per_trial, args.cpus_per_trial)
                 client.set_tag(parent_id, "ovss_extracted_images", str(n_new))
@@ -92,7 +95,9 @@ def run_search(plan) -> str:
             finally:
                 callback.close_open_runs("KILLED")
             best = log_search_outputs(client, parent_id, plan, ctx, results, callback)
+            held = finish_search(client, parent_id, plan, best)
         return (f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
+                + (f"{held}\n" if held else "") +
                 f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}\n"
                 f"export: python -m search.export --method {r.method} --backbone "
                 f"{r.backbone_name} --dataset {plan.dataset_name} --tracking-uri "

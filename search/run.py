@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="root directory of the data set in its standard layout")
     p.add_argument("--split", default="val", help="data set split to tune on (default: val)")
     p.add_argument("--max-images", type=int, help="tune on the first N images of the split")
+    p.add_argument("--holdout", type=int, help="keep N images out of tuning and score the best "
+                   "config and the paper defaults on them after the search (default: a fifth of "
+                   "the images from 20 on, none below)")
+    p.add_argument("--eval-split", help="score the best config and the paper defaults on this "
+                   "split after the search instead (all of it, or --holdout N images)")
     p.add_argument("--image-labels", help="JSON {image_id: [class names]} of image-level labels "
                    "(default for --reward clip: DATA_ROOT/image_labels.json)")
     p.add_argument("--reward", choices=REWARDS, default="miou",
@@ -93,6 +98,7 @@ class Plan:
     cache_dir: Path
     storage: Path
     name: str
+    holdout: Any = None  # search.evaluate.EvalData of the held-out images, or None
 
 
 def plan_search(args: argparse.Namespace) -> Plan:
@@ -153,7 +159,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
                                 f"{image.shape[1]}x{image.shape[0]}")
         present = tuple(int(c) for c in data.image_labels(i))
         items.append(ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), present))
-    rungs = _rungs(n, args.rungs)
+    from search.holdout import split_holdout
+
+    items, holdout = split_holdout(args, items, data_kwargs)
+    rungs = _rungs(len(items), args.rungs)
 
     reward: dict[str, Any] = {"name": args.reward}
     if args.reward == "clip":
@@ -168,7 +177,8 @@ def plan_search(args: argparse.Namespace) -> Plan:
                 classes=data.classes, items=items, rungs=rungs, reward=reward,
                 num_samples=num_samples, tracking_uri=tracking_uri,
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
-                storage=Path(args.storage or work / "ray_results").resolve(), name=name)
+                storage=Path(args.storage or work / "ray_results").resolve(), name=name,
+                holdout=holdout)
 
 
 def _rungs(n: int, k: int) -> list[int]:

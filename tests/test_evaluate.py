@@ -10,8 +10,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from search.evaluate import holdout_count
 from search.evaluate import main as evaluate_main
+from search.holdout import holdout_count
 
 TUNED = {"temp": 0.12, "thr": 0.45, "mode": "square", "pool": 2}
 PAPER = {"temp": 0.1, "thr": 0.3, "mode": "linear", "pool": 1}   # tests/conf/methods/toy.yaml
