@@ -142,6 +142,14 @@ def finish_search(client, parent_id: str, plan, best: Mapping[str, Any]) -> str:
 
     r = plan.resolved
     line = score_holdout(client, parent_id, plan, best["params"])
+    with tempfile.TemporaryDirectory() as d:
+        config = yaml.safe_load(Path(client.download_artifacts(parent_id, "best_config.yaml",
+                                                               d)).read_text())
+    from search.model import log_tuned_model
+
+    model_uri = log_tuned_model(plan.tracking_uri, parent_id, config,
+                                getattr(plan.args, "register", None))
+    client.set_tag(parent_id, "ovss_model_uri", model_uri)
     export = (f"python -m search.export --method {r.method} --backbone {r.backbone_name} "
               f"--dataset {plan.dataset_name} --tracking-uri {plan.tracking_uri}")
     note = [f"## Best config ({plan.reward['name']} {best['score']:.4f} on "
@@ -149,6 +157,7 @@ def finish_search(client, parent_id: str, plan, best: Mapping[str, Any]) -> str:
             yaml.safe_dump(dict(best["params"]), sort_keys=False).strip(), "```", ""]
     if line:
         note += ["## Held-out images", "", line, "", getattr(plan, "holdout_table", ""), ""]
-    note += ["## Export", "", f"`{export}`", ""]
+    note += ["## Export", "", f"`{export}`", "", "## Model", "", f"`{model_uri}` (serve: "
+             f"`mlflow models serve -m {model_uri} --env-manager local`)", ""]
     client.set_tag(parent_id, "mlflow.note.content", "\n".join(note))
-    return line
+    return "\n".join(x for x in [line, f"model: {model_uri}"] if x)

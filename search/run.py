@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "dataset-reward)")
     p.add_argument("--preset", choices=["smoke"], help="smoke: tiny random-weight backbone of "
                    "the real model class on a generated data set, fully offline, 8 trials")
+    p.add_argument("--register", metavar="NAME", help="register the tuned config's MLflow model "
+                   "(logged on every search) in the Model Registry as NAME")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted search of the same --name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
