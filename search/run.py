@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=known_methods(),
                    help="method family: pnp (PnP-OVSS), clipseg (CLIP CRA+DSI), fseg (FSeg-LLaVA)")
     p.add_argument("--backbone", help="backbone name from conf/methods/<method>.yaml "
-                   "(default: the YAML's default_backbone, or the preset's)")
+                   "(default: the YAML's default_backbone, or the preset's); a,b,c or all: one "
+                   "search per backbone, then a summary run comparing them")
     p.add_argument("--dataset", help="data set name from conf/datasets/ (voc21, voc20, "
                    "context59, context60, coco_object, coco_stuff164k, ade20k, cityscapes) or "
                    "'folder' for DIR/images, DIR/masks, DIR/classes.txt")
@@ -207,10 +208,14 @@ def _reward_spec(args: argparse.Namespace, preset) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from search.backbones import run_backbones, wants_many
         from search.orchestrate import run_search
 
-        plan = plan_search(args)
-        summary = run_search(plan)
+        if wants_many(args.backbone):
+            summary = run_backbones(args)  # one search per backbone + a summary run
+        else:
+            plan = plan_search(args)
+            summary = run_search(plan)
     except OvssError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
