@@ -17,9 +17,11 @@ backbone weights where the config says. ``methods.infer --config models:/NAME/VE
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,28 +59,33 @@ def decode_image(text: str) -> np.ndarray:
         return load_image(f.name)
 
 
-class TunedSegmenterModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: rows of ``{"image": base64 image, "classes": "cat,dog" | [names]}`` ->
-    a list of HxW int label maps (lists of lists)."""
+# MLflow warns, at class definition, that predict has no type hints (it would then validate the
+# input against them); the input here is a free-form record, so the warning is kept quiet.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context) -> None:
-        from methods import load_segmenter
+    class TunedSegmenterModel(mlflow.pyfunc.PythonModel):
+        """pyfunc: rows of ``{"image": base64 image, "classes": "cat,dog" | [names]}`` ->
+        a list of HxW int label maps (lists of lists)."""
 
-        self.segmenter = load_segmenter(context.artifacts[ARTIFACT])
+        def load_context(self, context) -> None:
+            from methods import load_segmenter
 
-    def predict(self, context, model_input, params=None) -> list[list[list[int]]]:
-        records = (model_input.to_dict("records") if hasattr(model_input, "to_dict")
-                   else list(model_input) if isinstance(model_input, list) else [model_input])
-        out = []
-        for rec in records:
-            if "image" not in rec or "classes" not in rec:
-                raise OvssError("each input row needs 'image' (base64) and 'classes'")
-            names = rec["classes"]
-            if isinstance(names, str):
-                names = [c.strip() for c in names.split(",") if c.strip()]
-            pred = self.segmenter(decode_image(rec["image"]), list(names))
-            out.append(np.asarray(pred).astype(int).tolist())
-        return out
+            self.segmenter = load_segmenter(context.artifacts[ARTIFACT])
+
+        def predict(self, context, model_input, params=None) -> list[list[list[int]]]:
+            records = (model_input.to_dict("records") if hasattr(model_input, "to_dict")
+                       else list(model_input) if isinstance(model_input, list) else [model_input])
+            out = []
+            for rec in records:
+                if "image" not in rec or "classes" not in rec:
+                    raise OvssError("each input row needs 'image' (base64) and 'classes'")
+                names = rec["classes"]
+                if isinstance(names, str):
+                    names = [c.strip() for c in names.split(",") if c.strip()]
+                pred = self.segmenter(decode_image(rec["image"]), list(names))
+                out.append(np.asarray(pred).astype(int).tolist())
+            return out
 
 
 def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
@@ -91,7 +98,7 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "tuned_config.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run_id), _quiet():
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME, python_model=TunedSegmenterModel(),
                     artifacts={ARTIFACT: str(path)}, registered_model_name=register,
@@ -102,6 +109,23 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
         return info.model_uri
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """MLflow's advice on type hints and CloudPickle, printed on every log_model, kept off the
+    terminal (the model is a class of this repository, pickled by reference)."""
+    import logging
+
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def config_from_model_uri(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:

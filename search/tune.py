@@ -78,6 +78,7 @@ def tune_search(plan, ctx, callback):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from search.progress import ProgressLine
     from search.space import optuna_space, trial0
 
     r, args = plan.resolved, plan.args
@@ -103,7 +104,7 @@ def tune_search(plan, ctx, callback):
                                    resume_errored=True)
         # The pickled run config holds the old callback object; log through this run's one
         # (Tune then restores its checkpointed state: trial -> child run).
-        tuner._local_tuner.get_run_config().callbacks = [callback]
+        tuner._local_tuner.get_run_config().callbacks = [callback, ProgressLine(plan.num_samples)]
     else:
         startup = max(2, min(10, plan.num_samples // 4))
         sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=startup)
@@ -120,8 +121,12 @@ def tune_search(plan, ctx, callback):
                                         num_samples=plan.num_samples, reuse_actors=True,
                                         max_concurrent_trials=args.max_concurrent or None),
             run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
-                                      callbacks=[callback], verbose=0))
-    results = tuner.fit()
+                                      callbacks=[callback, ProgressLine(plan.num_samples)],
+                                      verbose=0))
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's banners: stdout keeps the summary
+        results = tuner.fit()
     # Tune turns Ctrl-C into a graceful stop and returns; tell it apart from a finished search
     # so the runs end KILLED (not FINISHED) and the user is told to --resume.
     if callback.unfinished() or len(callback.runs) < plan.num_samples:

@@ -93,7 +93,12 @@ def test_small_set_holds_nothing_out_by_default(ray_session, workdir, voc_root, 
     rc = run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
                    "--num-samples", "2", "--rungs", "1"])
     assert rc == 0
-    assert "holdout: none (8 images" in capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert "holdout: none (8 images" in cap.err
+    # Tune's banners stay off stdout; the progress line is on stderr; the summary is stdout.
+    assert "Configuration for experiment" not in cap.out
+    assert "trials 2/2 done" in cap.err
+    assert cap.out.startswith("best miou=")
 
 
 def test_holdout_as_large_as_the_data_is_refused_before_ray(workdir, voc_root, capsys):
