@@ -92,7 +92,13 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
                     register: str | None = None) -> str:
     """Log ``config`` as a pyfunc model on run ``run_id`` (and register it as ``register``).
     Returns the model's URI (``models:/NAME/VERSION`` when registered)."""
-    previous = mlflow.get_tracking_uri()
+    import os
+
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    # The fluent API needs a global tracking URI, and setting one also sets $MLFLOW_TRACKING_URI
+    # (read by search.tracking.default_tracking_uri): both are put back afterwards.
+    previous, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -109,6 +115,10 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
         return info.model_uri
     finally:
         mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 @contextlib.contextmanager

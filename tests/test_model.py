@@ -41,7 +41,8 @@ def _image(voc_root):
     return path, load_image(path)
 
 
-def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, capsys):
+def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, capsys,
+                                            monkeypatch):
     import mlflow
 
     from methods.infer import TunedSegmenter
@@ -56,11 +57,12 @@ def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, caps
 
     path, image = _image(voc_root)
     want = TunedSegmenter(registered["config"])(image, ["cat", "dog", "car"])
-    mlflow.set_tracking_uri(registered["uri"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])   # read by the fluent API
     model = mlflow.pyfunc.load_model("models:/toyseg/1")
     got = model.predict([{"image": encode_image(image), "classes": "cat,dog,car"}])
     assert np.array_equal(np.array(got[0]), want)
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     # methods.infer reads the registered model.
     out = tmp_path / "pred.png"
     assert infer_main(["--config", "models:/toyseg/1", "--tracking-uri", registered["uri"],
