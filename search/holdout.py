@@ -160,4 +160,15 @@ def finish_search(client, parent_id: str, plan, best: Mapping[str, Any]) -> str:
     note += ["## Export", "", f"`{export}`", "", "## Model", "", f"`{model_uri}` (serve: "
              f"`mlflow models serve -m {model_uri} --env-manager local`)", ""]
     client.set_tag(parent_id, "mlflow.note.content", "\n".join(note))
-    return "\n".join(x for x in [line, f"model: {model_uri}"] if x)
+    ui = ui_link(plan.tracking_uri, client.get_run(parent_id).info.experiment_id)
+    return "\n".join(x for x in [line, f"model: {model_uri}", f"runs table: {ui}"] if x)
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows the experiment's runs table. MLflow 3.17's UI picks GenAI or
+    model-training pages from a workflow switch (URL ``workflowType``, else the browser's last
+    choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"

@@ -60,9 +60,17 @@ def decode_image(text: str) -> np.ndarray:
 
 
 # MLflow warns, at class definition, that predict has no type hints (it would then validate the
-# input against them); the input here is a free-form record, so the warning is kept quiet.
+# input against them); the input here is a free-form record, so the warning is kept quiet. MLflow
+# resets the warning filters around that check, so the message is dropped where it is shown.
+def _drop_type_hint_advice(show):
+    def _show(message, category, *args, **kwargs):
+        if "type hints to the `predict` method" not in str(message):
+            show(message, category, *args, **kwargs)
+    return _show
+
+
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+    warnings.showwarning = _drop_type_hint_advice(warnings.showwarning)
 
     class TunedSegmenterModel(mlflow.pyfunc.PythonModel):
         """pyfunc: rows of ``{"image": base64 image, "classes": "cat,dog" | [names]}`` ->
@@ -92,15 +100,7 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
                     register: str | None = None) -> str:
     """Log ``config`` as a pyfunc model on run ``run_id`` (and register it as ``register``).
     Returns the model's URI (``models:/NAME/VERSION`` when registered)."""
-    import os
-
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    # The fluent API needs a global tracking URI, and setting one also sets $MLFLOW_TRACKING_URI
-    # (read by search.tracking.default_tracking_uri): both are put back afterwards.
-    previous, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with using_tracking_uri(tracking_uri):
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "tuned_config.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -110,9 +110,24 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
                     artifacts={ARTIFACT: str(path)}, registered_model_name=register,
                     # listed, not inferred: inference would load the model to trace imports
                     pip_requirements=["mlflow", "numpy", "pyyaml", "pillow", "torch"])
-        if register:
-            return f"models:/{register}/{info.registered_model_version}"
-        return info.model_uri
+    if register:
+        return f"models:/{register}/{info.registered_model_version}"
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str):
+    """MLflow's fluent API (log_model, pyfunc.load_model) with ``uri`` as the global tracking
+    URI; setting one also sets $MLFLOW_TRACKING_URI (read by
+    search.tracking.default_tracking_uri), so both are put back afterwards."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
     finally:
         mlflow.set_tracking_uri(previous)
         if env is None:
@@ -155,9 +170,9 @@ def config_from_model_uri(uri: str, tracking_uri: str | None = None) -> dict[str
     except Exception:
         raise OvssError(f"no registered model {name!r} version {version} in {tracking_uri}") \
             from None
-    with tempfile.TemporaryDirectory() as d:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d,
-                                                    tracking_uri=tracking_uri)
+    # models:/ resolves through the registry URI, which follows the global tracking URI.
+    with tempfile.TemporaryDirectory() as d, using_tracking_uri(tracking_uri):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d)
         files = list(Path(local).rglob("tuned_config.yaml"))
         if not files:
             raise OvssError(f"model {uri} holds no tuned_config.yaml (not an ovss model)")

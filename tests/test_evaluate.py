@@ -143,3 +143,41 @@ def test_holdout_count():
         holdout_count(8, 8)
     with pytest.raises(OvssError, match="negative"):
         holdout_count(8, -1)
+
+
+@pytest.mark.slow
+def test_real_method_smoke_clipseg_tiny(ray_session, workdir, voc_root, capsys):
+    """The real CLIP CRA+DSI method (tiny random-weight backbone): evaluate --baseline paper
+    agrees with whole-image segment() calls counted directly."""
+    from methods import get_segmenter_class
+    from search.config import load_method_spec, resolve
+    from search.data import open_dataset
+
+    spec = load_method_spec("clipseg")
+    r = resolve(spec, "tiny", "voc21", None, spec.presets["smoke"])
+    tuned = {**r.defaults, "layer": 3, "bg_threshold": 0.3}
+    cfg = {"method": "clipseg", "backbone_name": "tiny", "backbone": r.backbone,
+           "dataset": "voc21", "settings": r.settings, "params": tuned}
+    path = workdir / "clipseg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert evaluate_main(["--config", str(path), "--dataset", "voc21", "--data-root",
+                          str(voc_root), "--max-images", "3", "--baseline", "paper"]) == 0
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("clipseg/tiny/voc21").experiment_id],
+                             "tags.ovss_role = 'evaluation'")[0]
+    data = open_dataset("voc21", voc_root)
+    seg = get_segmenter_class("clipseg").from_spec(r.backbone, r.settings, "cpu")
+    for key, params in [("miou", tuned), ("paper_miou", r.defaults)]:
+        k = len(data.classes.names)
+        inter, union = np.zeros(k), np.zeros(k)
+        for i in range(3):
+            gt = data.label(i).astype(np.int64)
+            pred = np.asarray(seg.segment(data.image(i), data.classes, params,
+                                          data.image_labels(i)))
+            keep = gt != 255
+            for c in range(k):
+                p, g = (pred == c) & keep, (gt == c) & keep
+                inter[c] += (p & g).sum()
+                union[c] += (p | g).sum()
+        want = np.mean([inter[c] / union[c] for c in range(k) if union[c] > 0])
+        assert run.data.metrics[key] == pytest.approx(want, abs=1e-6), key

@@ -41,12 +41,11 @@ def _image(voc_root):
     return path, load_image(path)
 
 
-def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, capsys,
-                                            monkeypatch):
+def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, capsys):
     import mlflow
 
     from methods.infer import TunedSegmenter
-    from search.model import encode_image
+    from search.model import encode_image, using_tracking_uri
 
     client, parent = registered["client"], registered["parent"]
     assert parent.data.tags["ovss_model_uri"] == "models:/toyseg/1"
@@ -54,15 +53,17 @@ def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, caps
     assert [m.source_run_id for m in models] == [parent.info.run_id]
     assert client.get_model_version("toyseg", "1").run_id == parent.info.run_id
     assert "models:/toyseg/1" in parent.data.tags["mlflow.note.content"]
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ   # the search put the global URI back
 
     path, image = _image(voc_root)
     want = TunedSegmenter(registered["config"])(image, ["cat", "dog", "car"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])   # read by the fluent API
-    model = mlflow.pyfunc.load_model("models:/toyseg/1")
+    with using_tracking_uri(registered["uri"]):
+        model = mlflow.pyfunc.load_model("models:/toyseg/1")
     got = model.predict([{"image": encode_image(image), "classes": "cat,dog,car"}])
     assert np.array_equal(np.array(got[0]), want)
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     # methods.infer reads the registered model.
     out = tmp_path / "pred.png"
     assert infer_main(["--config", "models:/toyseg/1", "--tracking-uri", registered["uri"],
