@@ -92,7 +92,7 @@ def test_evaluate_with_paper_baseline(ray_session, workdir, voc_root, capsys):
     print(out)
 
 
-def test_evaluate_max_images_and_run_source(ray_session, workdir, voc_root, capsys):
+def test_evaluate_max_images(ray_session, workdir, voc_root, capsys):
     cfg = _config(workdir / "tuned.yaml")
     rc = evaluate_main(["--config", str(cfg), "--dataset", "voc21", "--data-root", str(voc_root),
                         "--max-images", "3"])

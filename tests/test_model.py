@@ -79,11 +79,14 @@ def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, caps
               registered["uri"], "--cache-dir", str(registered["dir"] / "cache")]
     assert evaluate_main(["--model", "models:/toyseg/1", *common]) == 0
     assert evaluate_main(["--config", str(cfg_file), *common]) == 0
+    assert evaluate_main(["--run", parent.info.run_id, *common]) == 0
     evals = client.search_runs([registered["exp"].experiment_id],
                                "tags.ovss_role = 'evaluation'")
-    assert len(evals) == 2
-    assert evals[0].data.metrics["miou"] == pytest.approx(evals[1].data.metrics["miou"])
-    assert {e.data.tags["ovss_source"] for e in evals} == {"models:/toyseg/1", str(cfg_file)}
+    assert len(evals) == 3
+    assert len({e.data.metrics["miou"] for e in evals}) == 1
+    assert {e.data.tags["ovss_source"] for e in evals} == {
+        "models:/toyseg/1", str(cfg_file), f"run:{parent.info.run_id}"}
+    assert {e.data.tags["ovss_search_run"] for e in evals} == {parent.info.run_id}
 
 
 def test_missing_registered_model_refused(registered, voc_root, tmp_path, capsys):
