@@ -380,7 +380,11 @@ def evaluate(args: argparse.Namespace) -> str:
                                         config["backbone"].get("name")), args.dataset)
     started = _init_ray(args.address)
     try:
-        exp_id = tracking.ensure_experiment(client, exp_name)
+        try:
+            exp_id = tracking.ensure_experiment(client, exp_name)
+        except Exception as e:
+            raise OvssError(f"cannot open MLflow store {uri}: {str(e).splitlines()[0]}") \
+                from None
         prov = config.get("provenance") or {}
         search_run = prov.get("parent_run_id") or prov.get("exported_from") or ""
         tags = {"ovss_role": "evaluation", "ovss_method": config["method"],

@@ -103,7 +103,11 @@ def transfer(args: argparse.Namespace) -> str:
     client = MlflowClient(uri)
     started = _init_ray(args.address)
     try:
-        exp_id = tracking.ensure_experiment(client, args.experiment)
+        try:
+            exp_id = tracking.ensure_experiment(client, args.experiment)
+        except Exception as e:
+            raise OvssError(f"cannot open MLflow store {uri}: {str(e).splitlines()[0]}") \
+                from None
         tags = {"ovss_role": "transfer", "ovss_datasets": ",".join(data),
                 "ovss_configs": ",".join(str(p) for p in args.config)}
         with tracking.parent_run(client, exp_id, "transfer", tags) as run_id:
