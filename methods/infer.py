@@ -40,7 +40,12 @@ class TunedSegmenter:
         self.background = bool(classes.get("background", False))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str | None = None) -> TunedSegmenter:
+    def from_file(cls, path: str | os.PathLike, device: str | None = None,
+                  tracking_uri: str | None = None) -> TunedSegmenter:
+        if str(path).startswith("models:/"):  # a registered model (search.model); MLflow only here
+            from search.model import config_from_model_uri
+
+            return cls(config_from_model_uri(str(path), tracking_uri), device)
         path = Path(path)
         if not path.is_file():
             raise OvssError(f"tuned config {path} not found")
@@ -200,7 +205,10 @@ class _OneLineParser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     p = _OneLineParser(prog="python -m methods.infer",
                        description="Segment an image with a tuned config.")
-    p.add_argument("--config", required=True, help="exported YAML (python -m search.export)")
+    p.add_argument("--config", required=True, help="exported YAML (python -m search.export) or "
+                   "a registered model models:/NAME/VERSION")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: "
+                   "$MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
     p.add_argument("--image", required=True, help="input image (jpg, png, ...)")
     p.add_argument("--classes", required=True, help='comma-separated class names: "cat,dog"')
     p.add_argument("--out", required=True, help="output label map PNG")
@@ -221,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device:
             check_device(args.device)
         image = load_image(args.image)  # corrupt, or above the pixel limit: refused here
-        seg = TunedSegmenter.from_file(args.config, args.device)
+        seg = TunedSegmenter.from_file(args.config, args.device, args.tracking_uri)
         cs = seg.class_set(names)
         present = presence_for_inference(seg.config, cs, args.present)
         pred = seg(image, cs, present)

@@ -177,14 +177,17 @@ def run_search(plan) -> str:
                 "ovss_dataset": plan.dataset_name, "ovss_reward": plan.reward["name"],
                 "ovss_search_name": plan.name, "ovss_presence_source": ctx.presence_source}
         with tracking.parent_run(client, exp_id, plan.name, tags, reopen) as parent_id:
+            from search.holdout import dataset_input, finish_search
             from search.tune import extraction_pass, log_search_outputs, tune_search
 
             if reopen is None:
                 _log_plan(client, parent_id, plan, ctx)
+                client.log_inputs(parent_id, [dataset_input(plan)])
             callback = tracking.MlflowTrialCallback(
                 plan.tracking_uri, exp_id, parent_id, plan.reward["name"] + "_score"
                 if plan.reward["name"] == "clip" else "miou", {},
                 tags={"ovss_presence_source": ctx.presence_source})
+            callback.dataset_input = dataset_input(plan)
             try:
                 t0 = time.perf_counter()
                 n_new = extraction_pass(search_ctx, resources["extract_gpus"],
@@ -222,8 +225,10 @@ def run_search(plan) -> str:
                                  0)
             if callback.orphaned:
                 client.set_tag(parent_id, "ovss_orphaned_runs", str(len(callback.orphaned)))
+            held = finish_search(client, parent_id, plan, best)
         return ((chosen["summary"] + "\n" if chosen else "") +
                 f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
+                + (f"{held}\n" if held else "") +
                 f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}\n"
                 f"export: python -m search.export --method {r.method} --backbone "
                 f"{r.backbone_name} --dataset {plan.dataset_name} --tracking-uri "

@@ -38,13 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=known_methods(),
                    help="method family: pnp (PnP-OVSS), clipseg (CLIP CRA+DSI), fseg (FSeg-LLaVA)")
     p.add_argument("--backbone", help="backbone name from conf/methods/<method>.yaml "
-                   "(default: the YAML's default_backbone, or the preset's)")
+                   "(default: the YAML's default_backbone, or the preset's); a,b,c or all: one "
+                   "search per backbone, then a summary run comparing them")
     p.add_argument("--dataset", help="data set name from conf/datasets/ (voc21, voc20, "
                    "context59, context60, coco_object, coco_stuff164k, ade20k, cityscapes) or "
                    "'folder' for DIR/images, DIR/masks, DIR/classes.txt")
     p.add_argument("--data-root", help="root directory of the data set in its standard layout")
     p.add_argument("--split", default="val", help="data set split to tune on (default: val)")
     p.add_argument("--max-images", type=int, help="tune on the first N images of the split")
+    p.add_argument("--holdout", type=int, help="keep N images out of tuning and score the best "
+                   "config and the paper defaults on them after the search (default: a fifth of "
+                   "the images from 20 on, none below)")
+    p.add_argument("--eval-split", help="score the best config and the paper defaults on this "
+                   "split after the search instead (all of it, or --holdout N images)")
     p.add_argument("--image-labels", help="JSON {image_id: [class names]} of image-level labels "
                    "(default for --reward clip: DATA_ROOT/image_labels.json)")
     p.add_argument("--reward", choices=REWARDS, default="miou",
@@ -86,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-top", type=int, metavar="K", help="two-stage search: tune with the "
                    "method's cheaper `proxy` pipeline, then re-score the K best trials with the "
                    "full pipeline on all tuning images and pick the winner among them")
+    p.add_argument("--register", metavar="NAME", help="register the tuned config's MLflow model "
+                   "(logged on every search) in the Model Registry as NAME")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted search of the same --name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -114,6 +122,7 @@ class Plan:
     name: str
     proxy: Any = None          # search.config.ProxySpec of a two-stage search, else None
     rerank_top: int = 0        # K of --rerank-top (0: one stage)
+    holdout: Any = None  # search.evaluate.EvalData of the held-out images, or None
 
 
 def plan_search(args: argparse.Namespace) -> Plan:
@@ -189,7 +198,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
                                 f"{image.shape[1]}x{image.shape[0]}")
         present = tuple(int(c) for c in data.image_labels(i))
         items.append(ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), present))
-    rungs = _rungs(n, args.rungs)
+    from search.holdout import split_holdout
+
+    items, holdout = split_holdout(args, items, data_kwargs)
+    rungs = _rungs(len(items), args.rungs)
 
     reward: dict[str, Any] = {"name": args.reward}
     if args.reward == "clip":
@@ -205,7 +217,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
                 num_samples=num_samples, tracking_uri=tracking_uri,
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
                 storage=Path(args.storage or work / "ray_results").resolve(), name=name,
-                proxy=proxy, rerank_top=int(rerank_top or 0))
+                proxy=proxy, rerank_top=int(rerank_top or 0), holdout=holdout)
     return plan
 
 
@@ -295,10 +307,14 @@ def _reward_spec(args: argparse.Namespace, preset) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from search.backbones import run_backbones, wants_many
         from search.orchestrate import run_search
 
-        plan = plan_search(args)
-        summary = run_search(plan)
+        if wants_many(args.backbone):
+            summary = run_backbones(args)  # one search per backbone + a summary run
+        else:
+            plan = plan_search(args)
+            summary = run_search(plan)
     except OvssError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

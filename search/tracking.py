@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 TAG_ROLE = "ovss_role"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow 3 UI (mlflow/server/js)
 
 
 def default_tracking_uri() -> str:
@@ -39,7 +40,9 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name)
+    # Without this tag the MLflow 3 UI opens a new experiment on its GenAI overview (traces);
+    # "custom_model_development" opens it on the runs table.
+    return client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
 @contextlib.contextmanager
@@ -163,6 +166,7 @@ class MlflowTrialCallback(tune.Callback):
         self.orphaned: list[str] = []       # run ids of a dead driver, closed KILLED
         self.reconciled = False
         self.offline: str | None = None     # the store error that stopped logging, if any
+        self.dataset_input = None           # mlflow DatasetInput logged on every child run
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
@@ -260,6 +264,8 @@ class MlflowTrialCallback(tune.Callback):
             self.runs[trial.trial_id] = run.info.run_id
             params = {**self.fixed_params, **(trial.config or {})}
             log_params(self.client, run.info.run_id, params)
+            if getattr(self, "dataset_input", None) is not None:
+                self.client.log_inputs(run.info.run_id, [self.dataset_input])
         return self.runs[trial.trial_id]
 
     @_guarded

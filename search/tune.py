@@ -173,6 +173,7 @@ def _new_tuner(plan, ctx, callback, trainable):
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
+    from search.progress import ProgressLine
     from search.space import optuna_space, trial0
 
     r, args = plan.resolved, plan.args
@@ -193,7 +194,7 @@ def _new_tuner(plan, ctx, callback, trainable):
                                     num_samples=plan.num_samples, reuse_actors=True,
                                     max_concurrent_trials=args.max_concurrent or None),
         run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
-                                  callbacks=[callback], verbose=0,
+                                  callbacks=[callback, ProgressLine(plan.num_samples)], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
 
 
@@ -203,6 +204,8 @@ def tune_search(plan, ctx, callback):
 
     import ray
     from ray import tune
+
+    from search.progress import ProgressLine
 
     r, args = plan.resolved, plan.args
     if not r.space:
@@ -225,7 +228,8 @@ def tune_search(plan, ctx, callback):
         # The pickled run config holds the old callback object; log through this run's one.
         # Which trial owns which child run comes from MLflow (callback.reconcile), not from the
         # checkpoint, which can be ~10 s older than the record.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
+        tuner._local_tuner.get_run_config().callbacks = [callback,
+                                                        ProgressLine(plan.num_samples)]
     else:
         # A fresh search, or a resumed one whose driver died before Tune saved any state (during
         # extraction, or in the first seconds of tuning): start tuning anew in the same parent
@@ -234,7 +238,10 @@ def tune_search(plan, ctx, callback):
             shutil.rmtree(path)
         tuner = _new_tuner(plan, ctx, callback, trainable)
     before = signal.getsignal(signal.SIGINT)
-    results = tuner.fit()
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's banners: stdout keeps the summary
+        results = tuner.fit()
     interrupted = _tune_interrupted(before)
     trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", []) or [])
     callback.reconcile(trials)   # a resumed search whose trials had all ended runs no step

@@ -1,0 +1,174 @@
+"""Held-out images of a search: kept out of tuning in ``plan_search``, scored after it.
+
+``search.run --holdout N`` (or ``--eval-split S``) keeps images out of tuning (default: a fifth
+of them from 20 images on, none below); after tuning the best config and the paper defaults are
+scored on them with :mod:`search.evaluate` and logged on the parent run as
+``holdout_<metric>_best``, ``holdout_<metric>_default`` and ``holdout_<metric>_gap``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from methods.base import OvssError
+from search.evaluate import (  # noqa: F401  (holdout_count is used by tests)
+    EvalData,
+    comparison_rows,
+    image_items,
+    score_config,
+    to_markdown,
+    write_table,
+)
+
+
+# --------------------------------------------------------------
+def holdout_count(n: int, holdout: int | None) -> int:
+    """Images kept out of tuning: ``holdout`` if given, else a fifth of ``n`` when ``n >= 20``,
+    else none. OvssError when it leaves nothing to tune on."""
+    k = (n // 5 if n >= 20 else 0) if holdout is None else int(holdout)
+    if k < 0:
+        raise OvssError(f"--holdout {k}: must not be negative")
+    if k >= n:
+        raise OvssError(f"--holdout {k}: the data set has only {n} image(s), none would be left "
+                        "to tune on")
+    return k
+
+
+def split_holdout(args, items: list, data_kwargs: Mapping[str, Any]):
+    """(tuning items, held-out :class:`EvalData` or None), before Ray starts.
+
+    ``--eval-split S`` holds out the images of split S (all of them, or ``--holdout N``);
+    otherwise ``holdout_count`` images are drawn with the search's seed from the tuning images.
+    The image ids held out are printed (stderr)."""
+    from search.data import open_dataset
+
+    eval_split = getattr(args, "eval_split", None)
+    dense = data_kwargs.get("labels") == "dense"
+    if eval_split:
+        kw = {**data_kwargs, "split": eval_split, "labels": "dense"}
+        data = open_dataset(**kw)
+        n = len(data) if args.holdout is None else min(int(args.holdout), len(data))
+        if n < 1:
+            raise OvssError(f"--eval-split {eval_split}: no images to score")
+        held = EvalData(kw["name"], kw, data.classes, image_items(data, range(n)))
+        print(f"holdout: {n} image(s) of split {eval_split!r}, scored after tuning: "
+              f"{held.describe()}", file=sys.stderr)
+        return items, held
+    asked = getattr(args, "holdout", None)
+    k = holdout_count(len(items), asked)
+    if not dense and asked is None:
+        k = 0  # a label-free search holds nothing out unless asked (scoring needs dense labels)
+    if k == 0:
+        print(f"holdout: none ({len(items)} images; a fifth are held out from 20 images on, or "
+              "give --holdout N)", file=sys.stderr)
+        return items, None
+    if not dense:
+        raise OvssError("--holdout needs dense label maps to score the held-out images: use "
+                        "--reward miou, --fidelity, or --eval-split with a labelled split")
+    rng = np.random.default_rng(int(getattr(args, "seed", 0)))
+    out = set(rng.choice(len(items), size=k, replace=False).tolist())
+    tune_items = [it for i, it in enumerate(items) if i not in out]
+    classes = open_dataset(**data_kwargs).classes
+    held = EvalData(data_kwargs["name"], dict(data_kwargs), classes,
+                    [it for i, it in enumerate(items) if i in out])
+    print(f"holdout: {k} of {len(items)} images kept out of tuning: {held.describe()}",
+          file=sys.stderr)
+    return tune_items, held
+
+
+def score_holdout(client, parent_id: str, plan, best_params: Mapping[str, Any]) -> str:
+    """Score the best config and the paper defaults on the held-out images; log
+    ``holdout_miou_best``, ``holdout_miou_default``, ``holdout_miou_gap`` (and aAcc) and the
+    per-class table on the parent run. Returns a summary line ('' when nothing is held out)."""
+    from search import tracking
+    from search.space import full_params
+
+    held = getattr(plan, "holdout", None)
+    if held is None or not held.items:
+        return ""
+    r, args = plan.resolved, plan.args
+    base = {"method": r.method, "backbone_name": r.backbone_name, "backbone": r.backbone,
+            "settings": r.settings, "dataset": plan.dataset_name}
+    best = {**base, "params": full_params(r.defaults, best_params)}
+    paper = {**base, "params": dict(r.defaults)}
+    kw = {"gpus": args.gpus_per_trial, "cpus": args.cpus_per_trial}
+    s_best = score_config(best, held, plan.cache_dir, overlays=0, desc="holdout best", **kw)
+    s_paper = score_config(paper, held, plan.cache_dir, overlays=0, desc="holdout default", **kw)
+    metrics = {"holdout_miou_best": s_best.miou, "holdout_miou_default": s_paper.miou,
+               "holdout_miou_gap": s_best.miou - s_paper.miou,
+               "holdout_aacc_best": s_best.aacc, "holdout_aacc_default": s_paper.aacc,
+               "holdout_aacc_gap": s_best.aacc - s_paper.aacc, "holdout_images": len(held.items)}
+    tracking.log_metrics(client, parent_id, metrics, 0)
+    client.set_tag(parent_id, "ovss_holdout_images",
+                   ",".join(it.image_id for it in held.items)[:5000])
+    rows = comparison_rows({"tuned": s_best, "paper default": s_paper})
+    with tempfile.TemporaryDirectory() as d:
+        for p in write_table(Path(d), "holdout_table", rows, held.describe()):
+            client.log_artifact(parent_id, str(p))
+    plan.holdout_table = to_markdown(rows)
+    return (f"holdout ({len(held.items)} images): mIoU tuned {100 * s_best.miou:.2f} vs paper "
+            f"default {100 * s_paper.miou:.2f} (gap {100 * (s_best.miou - s_paper.miou):+.2f})")
+
+
+def dataset_input(plan, context: str = "tuning"):
+    """The tuning images as an MLflow dataset input: name, root, split, image count and a
+    digest of the image hashes (what the MLflow UI shows under a run's Datasets)."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    kw = plan.data_kwargs
+    digest = hashlib.sha256("".join(it.image_hash for it in plan.items).encode()).hexdigest()
+    profile = {"images": len(plan.items), "split": kw["split"], "root": kw["root"],
+               "classes": len(plan.classes.names),
+               "held_out": len(plan.holdout.items) if plan.holdout else 0}
+    ds = Dataset(name=f"{plan.dataset_name}/{kw['split']}", digest=digest[:16],
+                 source_type="local", source=json.dumps({"uri": kw["root"]}),
+                 profile=json.dumps(profile))
+    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
+
+
+def finish_search(client, parent_id: str, plan, best: Mapping[str, Any]) -> str:
+    """After tuning: score the held-out images, write the parent run's description (best
+    config, holdout comparison, export command). Returns extra summary lines ('' if none)."""
+    import yaml
+
+    r = plan.resolved
+    line = score_holdout(client, parent_id, plan, best["params"])
+    with tempfile.TemporaryDirectory() as d:
+        config = yaml.safe_load(Path(client.download_artifacts(parent_id, "best_config.yaml",
+                                                               d)).read_text())
+    from search.model import log_tuned_model
+
+    model_uri = log_tuned_model(plan.tracking_uri, parent_id, config,
+                                getattr(plan.args, "register", None))
+    client.set_tag(parent_id, "ovss_model_uri", model_uri)
+    export = (f"python -m search.export --method {r.method} --backbone {r.backbone_name} "
+              f"--dataset {plan.dataset_name} --tracking-uri {plan.tracking_uri}")
+    note = [f"## Best config ({plan.reward['name']} {best['score']:.4f} on "
+            f"{best['images']} tuning images)", "", "```yaml",
+            yaml.safe_dump(dict(best["params"]), sort_keys=False).strip(), "```", ""]
+    if line:
+        note += ["## Held-out images", "", line, "", getattr(plan, "holdout_table", ""), ""]
+    note += ["## Export", "", f"`{export}`", "", "## Model", "", f"`{model_uri}` (serve: "
+             f"`mlflow models serve -m {model_uri} --env-manager local`)", ""]
+    client.set_tag(parent_id, "mlflow.note.content", "\n".join(note))
+    ui = ui_link(plan.tracking_uri, client.get_run(parent_id).info.experiment_id)
+    return "\n".join(x for x in [line, f"model: {model_uri}", f"runs table: {ui}"] if x)
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows the experiment's runs table. MLflow 3.17's UI picks GenAI or
+    model-training pages from a workflow switch (URL ``workflowType``, else the browser's last
+    choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"

@@ -1,0 +1,111 @@
+"""Held-out images in a search (search.run --holdout / default fifth): kept out of tuning,
+scored after it with the best config and the paper defaults, logged on the parent run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from search.run import main as run_main
+from tests.test_evaluate import PAPER
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def voc20_root(tmp_path_factory):
+    from search.data.synthetic import make_dataset
+
+    return make_dataset("voc", tmp_path_factory.mktemp("voc20"), n=20, seed=1)
+
+
+def _direct(root, params, ids):
+    """mIoU over the images ``ids`` by direct counting (tests.test_evaluate.direct_scores)."""
+    import math
+
+    import numpy as np
+
+    from search.data import open_dataset
+    from tests.toy_method import ToySegmenter
+
+    data = open_dataset("voc21", root)
+    seg = ToySegmenter({"seed": 0, "fail_flag": ""})
+    k = len(data.classes.names)
+    inter, union = np.zeros(k), np.zeros(k)
+    for i, image_id in enumerate(data.ids()):
+        if image_id not in ids:
+            continue
+        gt = data.label(i).astype(np.int64)
+        pred = seg.segment(data.image(i), data.classes, params, data.image_labels(i))
+        keep = gt != 255
+        for c in range(k):
+            p, g = (pred == c) & keep, (gt == c) & keep
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    ious = [inter[c] / union[c] for c in range(k) if union[c] > 0]
+    return sum(ious) / len(ious) if ious else math.nan
+
+
+def test_default_holdout_is_a_fifth_and_scored(ray_session, workdir, voc20_root, capsys):
+    rc = run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(voc20_root),
+                   "--num-samples", "6", "--rungs", "2", "--seed", "1"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err[-2000:]
+    assert "holdout: 4 of 20 images kept out of tuning" in cap.err
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("toy/tiny/voc21")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    parent = client.search_runs([exp.experiment_id], "tags.ovss_role = 'search'")[0]
+    held = parent.data.tags["ovss_holdout_images"].split(",")
+    assert len(held) == 4
+    trials = client.search_runs([exp.experiment_id], "tags.ovss_role = 'trial'")
+    assert max(t.data.metrics["images"] for t in trials) == 16   # tuned on the other 16
+    m = parent.data.metrics
+    best = {**PAPER, **yaml.safe_load(open(client.download_artifacts(
+        parent.info.run_id, "best_config.yaml", str(workdir))))["params"]}
+    assert m["holdout_miou_best"] == pytest.approx(_direct(voc20_root, best, set(held)))
+    assert m["holdout_miou_default"] == pytest.approx(_direct(voc20_root, PAPER, set(held)))
+    assert m["holdout_miou_gap"] == pytest.approx(m["holdout_miou_best"] -
+                                                  m["holdout_miou_default"])
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"holdout_table.csv", "holdout_table.md"} <= arts
+    # The parent's description: best config, holdout comparison, export command.
+    note = parent.data.tags["mlflow.note.content"]
+    assert "## Held-out images" in note and "python -m search.export --method toy" in note
+    assert "temp:" in note
+    # The tuning images as a dataset input on the parent and on every child run.
+    inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "voc21/val"
+    profile = json.loads(inputs[0].dataset.profile)
+    assert profile["images"] == 16 and profile["held_out"] == 4
+    child = client.get_run(trials[0].info.run_id).inputs.dataset_inputs
+    assert [d.dataset.digest for d in child] == [inputs[0].dataset.digest]
+    # The summary printed last names the holdout comparison.
+    out = cap.out.strip().splitlines()
+    assert any(line.startswith("holdout (4 images): mIoU tuned") for line in out)
+    assert out[-1].startswith("export: python -m search.export")
+
+
+def test_small_set_holds_nothing_out_by_default(ray_session, workdir, voc_root, capsys):
+    rc = run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
+                   "--num-samples", "2", "--rungs", "1"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "holdout: none (8 images" in cap.err
+    # Tune's banners stay off stdout; the progress line is on stderr; the summary is stdout.
+    assert "Configuration for experiment" not in cap.out
+    assert "trials 2/2 done" in cap.err
+    assert cap.out.startswith("best miou=")
+
+
+def test_holdout_as_large_as_the_data_is_refused_before_ray(workdir, voc_root, capsys):
+    rc = run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
+                   "--holdout", "8"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: --holdout 8: the data set has only 8 image(s), none would be "
+                       "left to tune on")
+    assert not (workdir / "mlflow.db").exists()
