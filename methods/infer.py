@@ -46,17 +46,7 @@ class TunedSegmenter:
             from search.model import config_from_model_uri
 
             return cls(config_from_model_uri(str(path), tracking_uri), device)
-        path = Path(path)
-        if not path.is_file():
-            raise OvssError(f"tuned config {path} not found")
-        try:
-            config = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise OvssError(f"tuned config {path}: not valid YAML "
-                            f"({str(e).splitlines()[0]})") from None
-        if not isinstance(config, dict):
-            raise OvssError(f"tuned config {path}: expected a mapping")
-        return cls(config, device, where=f"tuned config {path}")
+        return cls(read_config_file(path), device, where=f"tuned config {path}")
 
     def class_set(self, classes: Sequence[str] | ClassSet) -> ClassSet:
         if isinstance(classes, ClassSet):
@@ -68,6 +58,21 @@ class TunedSegmenter:
         image = check_image(image)
         cs = self.class_set(classes)
         return np.asarray(self.segmenter.segment(image, cs, self.params, present))
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A tuned config YAML as a dict; one-line OvssError when missing, not YAML or no mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise OvssError(f"tuned config {path} not found")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise OvssError(f"tuned config {path}: not valid YAML "
+                        f"({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise OvssError(f"tuned config {path}: expected a mapping")
+    return config
 
 
 def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -> None:

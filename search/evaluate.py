@@ -54,19 +54,9 @@ class EvalData:
 def image_items(data, indices: Sequence[int]) -> list:
     """One :class:`search.trial.ImageItem` per index, reading each image and label map once so
     a corrupt file or a label map of the wrong size stops before Ray starts."""
-    from search.cache import file_hash
-    from search.trial import ImageItem
+    from search.trial import read_item
 
-    items = []
-    for i in indices:
-        image, label = data.image(i), data.label(i)
-        if label.shape != image.shape[:2]:
-            raise OvssError(f"label map of image {data.ids()[i]!r} has size "
-                            f"{label.shape[1]}x{label.shape[0]}, the image "
-                            f"{image.shape[1]}x{image.shape[0]}")
-        present = tuple(int(c) for c in data.image_labels(i))
-        items.append(ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), present))
-    return items
+    return [read_item(data, i, dense=True) for i in indices]
 
 
 def open_eval_data(dataset: str, root: str | Path, split: str = "val",
@@ -112,15 +102,9 @@ def check_config(config: Any, what: str) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise OvssError(f"tuned config {path} not found")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise OvssError(f"tuned config {path}: not valid YAML ({str(e).splitlines()[0]})") \
-            from None
-    return check_config(config, str(path))
+    from methods.infer import read_config_file
+
+    return check_config(read_config_file(path), str(path))
 
 
 def config_from_run(run_id: str, tracking_uri: str) -> dict[str, Any]:

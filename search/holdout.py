@@ -8,7 +8,6 @@ scored on them with :mod:`search.evaluate` and logged on the parent run as
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,11 +40,11 @@ def holdout_count(n: int, holdout: int | None) -> int:
 
 
 def split_holdout(args, items: list, data_kwargs: Mapping[str, Any]):
-    """(tuning items, held-out :class:`EvalData` or None), before Ray starts.
+    """(tuning items, held-out :class:`EvalData` or None, a line saying which), before Ray.
 
     ``--eval-split S`` holds out the images of split S (all of them, or ``--holdout N``);
     otherwise ``holdout_count`` images are drawn with the search's seed from the tuning images.
-    The image ids held out are printed (stderr)."""
+    The line (held-out image ids) is printed by the search once its input is all accepted."""
     from search.data import open_dataset
 
     eval_split = getattr(args, "eval_split", None)
@@ -57,17 +56,15 @@ def split_holdout(args, items: list, data_kwargs: Mapping[str, Any]):
         if n < 1:
             raise OvssError(f"--eval-split {eval_split}: no images to score")
         held = EvalData(kw["name"], kw, data.classes, image_items(data, range(n)))
-        print(f"holdout: {n} image(s) of split {eval_split!r}, scored after tuning: "
-              f"{held.describe()}", file=sys.stderr)
-        return items, held
+        return items, held, (f"holdout: {n} image(s) of split {eval_split!r}, scored after "
+                             f"tuning: {held.describe()}")
     asked = getattr(args, "holdout", None)
     k = holdout_count(len(items), asked)
     if not dense and asked is None:
         k = 0  # a label-free search holds nothing out unless asked (scoring needs dense labels)
     if k == 0:
-        print(f"holdout: none ({len(items)} images; a fifth are held out from 20 images on, or "
-              "give --holdout N)", file=sys.stderr)
-        return items, None
+        return items, None, (f"holdout: none ({len(items)} images; a fifth are held out from 20 "
+                             "images on, or give --holdout N)")
     if not dense:
         raise OvssError("--holdout needs dense label maps to score the held-out images: use "
                         "--reward miou, --fidelity, or --eval-split with a labelled split")
@@ -77,9 +74,8 @@ def split_holdout(args, items: list, data_kwargs: Mapping[str, Any]):
     classes = open_dataset(**data_kwargs).classes
     held = EvalData(data_kwargs["name"], dict(data_kwargs), classes,
                     [it for i, it in enumerate(items) if i in out])
-    print(f"holdout: {k} of {len(items)} images kept out of tuning: {held.describe()}",
-          file=sys.stderr)
-    return tune_items, held
+    return tune_items, held, (f"holdout: {k} of {len(items)} images kept out of tuning: "
+                              f"{held.describe()}")
 
 
 def score_holdout(client, parent_id: str, plan, best_params: Mapping[str, Any]) -> str:

@@ -144,8 +144,11 @@ def run_search(plan) -> str:
     except Exception as e:
         raise OvssError(f"cannot open MLflow store {plan.tracking_uri}: "
                         f"{str(e).splitlines()[0]}") from None
+    import sys
     import time
 
+    if plan.holdout_note:
+        print(plan.holdout_note, file=sys.stderr)
     phases: dict[str, float] = {}    # seconds per phase, logged as time/<phase>_s
     t0 = time.perf_counter()
     started = _init_ray(args.address)

@@ -123,15 +123,15 @@ class Plan:
     proxy: Any = None          # search.config.ProxySpec of a two-stage search, else None
     rerank_top: int = 0        # K of --rerank-top (0: one stage)
     holdout: Any = None  # search.evaluate.EvalData of the held-out images, or None
+    holdout_note: str = ""  # which images are held out (printed once the search starts)
 
 
 def plan_search(args: argparse.Namespace) -> Plan:
     """Validate config, data and reward; raise OvssError on the first problem."""
     from search import config as cfg
-    from search.cache import file_hash
     from search.data import open_dataset
     from search.tracking import default_tracking_uri
-    from search.trial import ImageItem
+    from search.trial import read_item
 
     _check_flags(args)
     spec = cfg.load_method_spec(args.method)
@@ -189,23 +189,15 @@ def plan_search(args: argparse.Namespace) -> Plan:
     for i in range(n):
         # Every image (and, with dense labels, every label map) is read once here, so a corrupt
         # file or a label map of the wrong size stops the search before Ray starts.
-        image = data.image(i)
-        if labels_mode == "dense":
-            label = data.label(i)
-            if label.shape != image.shape[:2]:
-                raise OvssError(f"label map of image {data.ids()[i]!r} has size "
-                                f"{label.shape[1]}x{label.shape[0]}, the image "
-                                f"{image.shape[1]}x{image.shape[0]}")
-        present = tuple(int(c) for c in data.image_labels(i))
-        items.append(ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), present))
-    from search.holdout import split_holdout
-
-    items, holdout = split_holdout(args, items, data_kwargs)
-    rungs = _rungs(len(items), args.rungs)
-
+        items.append(read_item(data, i, dense=labels_mode == "dense"))
     reward: dict[str, Any] = {"name": args.reward}
     if args.reward == "clip":
         reward.update(_reward_spec(args, preset))
+
+    from search.holdout import split_holdout
+
+    items, holdout, holdout_note = split_holdout(args, items, data_kwargs)
+    rungs = _rungs(len(items), args.rungs)
 
     num_samples = args.num_samples or (preset.num_samples if preset and preset.num_samples
                                        else 32)
@@ -217,7 +209,8 @@ def plan_search(args: argparse.Namespace) -> Plan:
                 num_samples=num_samples, tracking_uri=tracking_uri,
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
                 storage=Path(args.storage or work / "ray_results").resolve(), name=name,
-                proxy=proxy, rerank_top=int(rerank_top or 0), holdout=holdout)
+                proxy=proxy, rerank_top=int(rerank_top or 0), holdout=holdout,
+                holdout_note=holdout_note)
     return plan
 
 

@@ -35,6 +35,23 @@ class ImageItem:
     present: tuple[int, ...]  # image-level labels (label values)
 
 
+def read_item(data, i: int, dense: bool) -> ImageItem:
+    """Image ``i`` of a data set as an :class:`ImageItem`, reading the image (and, ``dense``, its
+    label map) once, so a corrupt file or a label map of the wrong size is a one-line error
+    before any Ray work."""
+    from search.cache import file_hash
+
+    image = data.image(i)
+    if dense:
+        label = data.label(i)
+        if label.shape != image.shape[:2]:
+            raise OvssError(f"label map of image {data.ids()[i]!r} has size "
+                            f"{label.shape[1]}x{label.shape[0]}, the image "
+                            f"{image.shape[1]}x{image.shape[0]}")
+    present = tuple(int(c) for c in data.image_labels(i))
+    return ImageItem(i, str(data.ids()[i]), file_hash(data.image_path(i)), present)
+
+
 @dataclass
 class SearchContext:
     method: str

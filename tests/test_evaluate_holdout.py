@@ -62,7 +62,7 @@ def test_default_holdout_is_a_fifth_and_scored(ray_session, workdir, voc20_root,
     held = parent.data.tags["ovss_holdout_images"].split(",")
     assert len(held) == 4
     trials = client.search_runs([exp.experiment_id], "tags.ovss_role = 'trial'")
-    assert max(t.data.metrics["images"] for t in trials) == 16   # tuned on the other 16
+    assert max(t.data.metrics["rung/images"] for t in trials) == 16   # tuned on the other 16
     m = parent.data.metrics
     best = {**PAPER, **yaml.safe_load(open(client.download_artifacts(
         parent.info.run_id, "best_config.yaml", str(workdir))))["params"]}
