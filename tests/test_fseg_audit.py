@@ -246,12 +246,18 @@ def test_default_denoising_drops_one_token_and_keeps_an_object():
         assert lo == 0 and lo < d[k] < hi
 
 
-def test_sam_embedding_is_stored_in_float32(seg_defaults):
+def test_what_decode_thresholds_is_stored_in_float32(seg_defaults):
+    """evidence_dtype float16 rounds F_v only: the attention maps (binarised at their mean,
+    summed for the head guard) and the SAM embedding stay float32 (bench/fseg.py --precision:
+    float16 maps or embedding changed label maps, float16 F_v did not)."""
     from methods.fseg import SEGMENTER
 
     seg, _ = seg_defaults
     r = resolve(SPEC, backbone="tiny", dataset="voc21")
     half = SEGMENTER(seg.llava, seg.sam, r.backbone, {**r.settings, "evidence_dtype": "float16"})
     ev = half.extract(RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8), CLASSES, [1])
-    assert ev.tensors["sam_embedding"].dtype == torch.float32
-    assert ev.tensors["fv"].dtype == torch.float16 == ev.tensors["attn"].dtype
+    assert ev.tensors["sam_embedding"].dtype == torch.float32 == ev.tensors["attn"].dtype
+    assert ev.tensors["fv"].dtype == torch.float16
+    full = SEGMENTER(seg.llava, seg.sam, r.backbone, {**r.settings, "evidence_dtype": "float32"})
+    ev = full.extract(RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8), CLASSES, [1])
+    assert ev.tensors["fv"].dtype == torch.float32

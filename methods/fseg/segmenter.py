@@ -1,13 +1,13 @@
 """``FSegSegmenter``: extract once per image (LLaVA + SAM encoder), decode per trial.
 
 Evidence of one image (N grid tokens, L LLM blocks, H heads, Y yes-classes, S sub-tokens of
-their names in all, Dv visual width; ``evidence_dtype`` float16 by default):
+their names in all, Dv visual width; ``evidence_dtype`` (F_v only) float16 by default):
 
 =================  ===========================  ============================================
 ``fv``             N x Dv, dtype                F_v on the grid (VGM prototypes)
 ``sam_embedding``  1 x C x h x w, float32       SAM image-encoder output (what its decoder reads)
 ``cos``            S x (L+1) x N, float32       cos(F^l(v_i), F^l(t)) per hidden state l
-``attn``           Y x L x H x N, dtype         S1 -> image attention, mean over S1 queries
+``attn``           Y x L x H x N, float32       S1 -> image attention, mean over S1 queries
 ``entropy``        V x Y x L x H, float32       spatial entropy of every map, per variant
 =================  ===========================  ============================================
 
@@ -63,7 +63,8 @@ EXTRACT_SETTINGS = ("presence_source", "qa", "max_new_tokens", "pad_to_square", 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 BACKBONE_KEYS = ("name", "arch", "model", "path", "template", "tiny", "sam", "sam_checkpoint",
                  "sam_random")
-#: 2: SAM embedding stored in float32 whatever evidence_dtype (1 stored it in evidence_dtype).
+#: 2: attention maps and SAM embedding stored in float32 whatever evidence_dtype (1 stored
+#: them in evidence_dtype: label maps differed from float32's; docs/fseg.md).
 VERSION = 2
 
 
@@ -169,7 +170,7 @@ class FSegSegmenter(Segmenter):
         entropy = fm.spatial_entropies(attn, tokens.grid)
         tensors = {"fv": tokens.fv.to(dtype).contiguous(),
                    "sam_embedding": emb.cpu().float().contiguous(),
-                   "cos": cos.float(), "attn": attn.to(dtype).contiguous(),
+                   "cos": cos.float(), "attn": attn.float().contiguous(),
                    "entropy": entropy.contiguous()}
         meta = {"background": classes.background, "num_classes": len(classes.names),
                 "image_size": list(image.shape[:2]), "grid": list(tokens.grid),
