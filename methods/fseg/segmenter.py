@@ -145,7 +145,10 @@ class FSegSegmenter(Segmenter):
     def extract(self, image: np.ndarray, classes: ClassSet,
                 present: Sequence[int] | None = None) -> Evidence:
         """LLaVA vision once, the shared prefix once, QAP (+ TVR maps) per class, SAM encoder
-        once. ``present``: image-level labels, the yes-set under ``qa: present`` / ``auto``."""
+        once. ``present``: label values of the classes given as present (image labels or ground
+        truth), the yes-set under ``qa: present`` / ``auto``; None (``presence_source: model``):
+        under ``auto`` the model answers every class (greedy, knob-independent) and its answers
+        and yes-set are stored in the evidence's meta."""
         image = check_image(image)
         mode = self.qa_mode(present)
         s = self.settings
