@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="SAM tiny instead of ViT-B and a 4-block 256-wide vision tower")
     ap.add_argument("--size", default="375x500", help="image HxW")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--decode-threads", type=int, default=0,
-                    help="torch threads in decode (0: torch's setting, which the naive run uses; "
-                         "a search runs one thread per trial, settings.decode_threads)")
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="torch threads in the knob side of both ours and naive (1: a search's "
+                         "settings.decode_threads; 0: torch's setting)")
     ap.add_argument("--class-batch", type=int, default=4, help="settings.class_batch")
     ap.add_argument("--precision", type=int, default=0, metavar="N",
                     help="measure float16 vs float32 evidence on N tiny images per model "
