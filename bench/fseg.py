@@ -1,6 +1,7 @@
 """Extract once, decode many vs the naive search, for `fseg` on a LLaVA-shaped model + SAM ViT-B.
 
-    python bench/fseg.py                        # 4 images, 4 classes, 64 trials (< 10 min, 2 cores)
+    python bench/fseg.py                        # 4 images, 4 classes, 64 trials, 14 blocks (20 GB)
+    python bench/fseg.py --layers 4 --images 1  # what a shared machine allows (10.6 GB)
     python bench/fseg.py --images 1 --trials 4 --layers 2 --width 512 --vision-layers 4 --quick
     python bench/fseg.py --precision 40         # float16 vs float32 evidence on the tiny models
 
