@@ -1,28 +1,38 @@
 """Extract once, decode many vs the naive search, for `fseg` on a LLaVA-shaped model + SAM ViT-B.
 
-    python bench/fseg.py                        # 4 images, 3 classes, 64 trials (< 10 min, 2 cores)
+    python bench/fseg.py                        # 4 images, 4 classes, 64 trials, 14 blocks (20 GB)
+    python bench/fseg.py --layers 4 --images 1  # what a shared machine allows (10.6 GB)
     python bench/fseg.py --images 1 --trials 4 --layers 2 --width 512 --vision-layers 4 --quick
+    python bench/fseg.py --precision 40         # float16 vs float32 evidence on the tiny models
 
 Models (random weights, no download), built by the method's own loader from a ``tiny:`` block:
 - LLaVA-1.5 shape: CLIP ViT-L/14-336 vision tower (24 blocks, width 1024, 576 image tokens),
   the real LLaVA projector, and a Llama LLM of ``--layers`` blocks of width ``--width``
   (defaults: 14 of Llama-2-7B's 32 blocks at its width 4096 / MLP 11008 / 32 heads, vocabulary
-  32064: 3.0 B parameters, 12 GB in float32, as many as finish in 10 minutes here; 16 blocks
-  took 9 min 36 s with 22 GB resident); the printed line gives the parameter counts;
+  32064: 3.0 B parameters, 12 GB in float32); the printed line gives the parameter counts;
 - SAM ViT-B: segment-anything's real architecture (1024 px encoder), random weights.
-Images are 375 x 500; classes: cat, dog, person + background; every class is in every image's
-image-level labels (``qa: present``, the search's setting with labels: the answers are
-teacher-forced, so the LLM really runs on three yes-classes). Trial 0 is the paper's defaults
-(layers scaled to the bench LLM), the others are sampled from conf/methods/fseg.yaml's space.
+Images are 375 x 500; classes: cat, dog, person, bird + background. Presence comes from the
+model on both sides (``presence_source: model``: extract gets no labels, ``qa: auto`` runs the
+greedy QAP): random weights never say yes, so ``ScriptedQAP`` replaces the logits of every
+forward so that greedy decoding spells "yes, it contains a {c}. the {c} is the main object in
+this image." for cat, dog, person and "no." for bird; every decoding step still runs its real
+forward (KV cache, image). Trial 0 is the paper's defaults (layers scaled to the bench LLM),
+the others are sampled from conf/methods/fseg.yaml's space.
 
-- ours:  extract each image once (vision tower, one prefix pass, a short pass per class from
-  the prefix KV cache, SAM image encoder), then decode every trial (float16 evidence).
-- naive: methods/fseg/reference.py per trial and image (vision tower + a full forward with
-  hidden states and attentions per class, SAM ``set_image`` + ``predict``), as the paper's code
-  runs a configuration. It is timed on the first ``--naive-trials`` trials of the first
-  ``--naive-images`` images and scaled to all trials and images (its cost does not depend on
-  the knobs); the output says so.
+- ours:  extract each image once (vision tower, one prefix pass, greedy QAP per class from the
+  prefix KV cache, one batched teacher-forced pass of the yes-classes, SAM image encoder), then
+  decode every trial (float16 F_v; attention maps, cosines and SAM embedding in float32).
+- naive: methods/fseg/reference.py per trial and image (vision tower, ``generate`` per class
+  over the whole sequence, a full forward with hidden states and attentions per yes-class, SAM
+  ``set_image`` + ``predict``), as the paper's code runs a configuration. It is timed on the
+  first ``--naive-trials`` trials of the first ``--naive-images`` images and scaled to all
+  trials and images (its cost does not depend on the knobs); the output says so.
 The last line is ``ratio=<naive/ours> evidence_mb=<MB per image>`` (MB = 10^6 bytes).
+
+``--precision N``: the tiny LLaVA-1.5 / 1.6 + tiny SAM, N random images per model, evidence
+extracted in float32 and decoded on ``--trials`` knob samples each, against the same evidence
+with F_v, the attention maps and / or the SAM embedding rounded to float16: the share of label
+maps equal to float32's and the pixel agreement, mean and worst.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import smooth_image, steady_malloc  # noqa: E402
-from methods.base import ClassSet  # noqa: E402
+from methods.base import ClassSet, Evidence  # noqa: E402
+from methods.fseg.qap import canonical_answer, question_ids  # noqa: E402
 from methods.fseg.reference import straight_labels  # noqa: E402
 from methods.fseg.segmenter import FSegSegmenter  # noqa: E402
 from search.config import load_method_spec, resolve  # noqa: E402
@@ -59,6 +70,69 @@ def trials(n: int, seed: int, layers: int) -> list[dict]:
         p["l_span"] = int(rng.integers(0, layers - p["l_s"] + 1))
         out.append(p)
     return out[:n]
+
+
+class ScriptedQAP:
+    """Forward hook on the LLaVA model: after a class's question (input ids ending in it) the
+    logits of each following forward are replaced so that greedy decoding spells
+    ``answers[name]`` then EOS. Every forward runs as it would; only the argmax is chosen."""
+
+    def __init__(self, seg: FSegSegmenter, answers: dict[str, str]):
+        tok, tpl = seg.llava.tokenizer, seg.llava.template
+        self.questions = {tuple(question_ids(tok, tpl, n)): n for n in answers}
+        self.scripts = {n: [*tok(a, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+                        for n, a in answers.items()}
+        self.todo: list[int] = []
+
+    def __call__(self, module, args, kwargs, out):
+        ids = kwargs["input_ids"][0].tolist()
+        for q, name in self.questions.items():
+            if tuple(ids[-len(q):]) == q:
+                self.todo = list(self.scripts[name])
+        if self.todo and out.logits is not None:
+            logits = torch.full_like(out.logits, -1e4)
+            logits[..., self.todo.pop(0)] = 1e4
+            out.logits = logits
+        return out
+
+
+def precision(args: argparse.Namespace) -> int:
+    """``--precision``: float16-rounded evidence against float32 on the tiny models."""
+    from methods.fseg import SEGMENTER
+
+    spec = load_method_spec("fseg")
+    rng = np.random.default_rng(args.seed)
+    classes = ClassSet.from_names(["cat", "dog", "person"], background=True)
+    rows: dict[str, list[float]] = {
+        "float16 F_v, attention, SAM embedding (the old default)": [],
+        "float16 SAM embedding only": [], "float16 attention maps only": [],
+        "float16 F_v only (the default now)": []}
+    for name in ("tiny", "tiny-next"):
+        r = resolve(spec, backbone=name, dataset="voc21")
+        seg = SEGMENTER.from_spec(r.backbone, {**r.settings, "evidence_dtype": "float32",
+                                               "qa": "present"})
+        for _ in range(args.precision):
+            h, w = (int(v) for v in rng.integers(24, 97, 2))
+            ev = seg.extract(smooth_image(rng, h, w), classes,
+                             sorted(rng.choice([1, 2, 3], int(rng.integers(1, 4)), False)))
+            half = {k: v.half().float() for k, v in ev.tensors.items()
+                    if k in ("fv", "attn", "sam_embedding")}
+            variants = [Evidence({**ev.tensors, **{k: half[k] for k in ks}}, ev.meta)
+                        for ks in (("fv", "attn", "sam_embedding"), ("sam_embedding",),
+                                   ("attn",), ("fv",))]
+            for _ in range(args.trials):
+                p = {**r.defaults, **{k: sample_value(v, rng) for k, v in r.space.items()}}
+                ref = seg.decode(ev, p)
+                for key, var in zip(rows, variants):
+                    rows[key].append(float((seg.decode(var, p) == ref).mean()))
+    n = len(next(iter(rows.values())))
+    print(f"fseg precision: tiny + tiny-next, {args.precision} images each, {args.trials} knob "
+          f"samples per image ({n} label maps per variant), against float32 evidence")
+    for key, agree in rows.items():
+        a = np.array(agree)
+        print(f"{key}: identical maps {100 * (a == 1).mean():.2f}%, pixel agreement mean "
+              f"{100 * a.mean():.3f}% worst {100 * a.min():.2f}%")
+    return 0
 
 
 def params_m(module: torch.nn.Module) -> float:
@@ -82,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="SAM tiny instead of ViT-B and a 4-block 256-wide vision tower")
     ap.add_argument("--size", default="375x500", help="image HxW")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--decode-threads", type=int, default=0,
-                    help="torch threads in decode (0: torch's setting, which the naive run uses; "
-                         "a search runs one thread per trial, settings.decode_threads)")
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="torch threads in the knob side of both ours and naive (1: a search's "
+                         "settings.decode_threads; 0: torch's setting)")
     ap.add_argument("--class-batch", type=int, default=4, help="settings.class_batch")
+    ap.add_argument("--precision", type=int, default=0, metavar="N",
+                    help="measure float16 vs float32 evidence on N tiny images per model "
+                         "(--trials knob samples each) instead of the timing bench")
     args = ap.parse_args(argv)
+    if args.precision:
+        return precision(args)
     alloc = steady_malloc(argv)
     h, w = (int(v) for v in args.size.split("x"))
     heads = max(1, args.width // 128)
@@ -100,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     backbone = {"name": "bench", "tiny": tiny, "sam": "tiny" if args.quick else "vit_b",
                 "sam_random": True}
     t0 = time.perf_counter()
-    seg = FSegSegmenter.from_spec(backbone, {"qa": "present", "evidence_dtype": "float16",
+    seg = FSegSegmenter.from_spec(backbone, {"presence_source": "model", "qa": "auto",
+                                             "max_new_tokens": 32, "evidence_dtype": "float16",
                                              "seed": args.seed,
                                              "decode_threads": args.decode_threads,
                                              "class_batch": args.class_batch})
@@ -109,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
           f"({params_m(model.language_model):.0f} M params), vision tower "
           f"{params_m(model.vision_tower):.0f} M, SAM {backbone['sam']} "
           f"{params_m(seg.sam):.0f} M (random weights, built in {time.perf_counter() - t0:.0f} s)"
-          f"; {args.images} images {h}x{w}, 3 classes + background, {args.trials} trials, "
+          f"; {args.images} images {h}x{w}, 4 classes (3 answered yes) + background, "
+          f"presence from the model's QAP (scripted answers), {args.trials} trials, "
           f"{torch.get_num_threads()} threads; {alloc}")
-    classes = ClassSet.from_names(["cat", "dog", "person"], background=True)
-    present = classes.foreground
+    classes = ClassSet.from_names(["cat", "dog", "person", "bird"], background=True)
+    answers = {n: canonical_answer(n) for n in ("cat", "dog", "person")}
+    script = ScriptedQAP(seg, {**answers, "bird": "no."})
+    seg.llava.model.register_forward_hook(script, with_kwargs=True)
+    present = None                                  # presence from the model, both sides
     rng = np.random.default_rng(args.seed)
     images = [smooth_image(rng, h, w) for _ in range(args.images)]
     plan = trials(args.trials, args.seed, args.layers)
@@ -123,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ev = seg.extract(img, classes, present)
         t_extract += time.perf_counter() - t0
+        assert ev.meta["qa"] == "model" and ev.meta["yes"] == [1, 2, 3], ev.meta["answers"]
         evidence_mb.append(ev.nbytes() / 1e6)
         evidences.append(ev)
         t0 = time.perf_counter()
@@ -148,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     naive = per * args.images * len(plan)
     print(f"naive: timed {m * k} straight runs (first {k} trial(s) of the first {m} image(s)), "
           f"{per:.1f} s each, scaled to {args.images} x {len(plan)} = {naive:.0f} s; label "
-          f"agreement with ours (float16 evidence) {100 * np.mean(agree):.2f}%")
+          f"agreement with ours {100 * np.mean(agree):.2f}%")
     mb = float(np.mean(evidence_mb))
-    print(f"evidence: {mb:.2f} MB per image (float16 maps/features/SAM embedding, float32 "
-          f"cosines; max {max(evidence_mb):.2f})")
+    print(f"evidence: {mb:.2f} MB per image (float16 F_v; float32 attention maps, cosines, "
+          f"SAM embedding; max {max(evidence_mb):.2f})")
     print(f"ratio={naive / ours:.1f} evidence_mb={mb:.2f}")
     return 0
 

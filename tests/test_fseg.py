@@ -256,7 +256,8 @@ def tiny_segs():
 CLASSES = ClassSet.from_names(["cat", "dog", "potted plant"], background=True)
 VARIANT = {"attn_layers": "range", "entropy": "mass_2mean", "prompt": "points", "K": 1,
            "merge": "score", "upsample": "argmax_then_nearest", "multimask": True,
-           "pool": "last", "alpha": 0.3, "kernel": 3, "snap_centroid": True}
+           "pool": "last", "alpha": 0.3, "kernel_tokens": 0.25, "snap_centroid": True,
+           "image_mass": "none", "skip_layers": 1}
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-next"])

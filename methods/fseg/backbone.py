@@ -31,6 +31,26 @@ from methods.base import OvssError
 from methods.fseg.qap import CANONICAL_DESCRIPTION, QUESTION, TEMPLATES
 
 ARCHS = ("llava", "llava_next")
+#: The transformers versions this code runs on (pyproject.toml): ``cache=`` / ``out.cache`` (the
+#: KV-cache names since 5.24; ``past_key_values`` is deprecated there, removal announced for
+#: 5.40) and ``mm_encoder_outputs``. Older versions swallow ``cache=`` into ``**kwargs``, so the
+#: cached question pass would run without the prefix (and the image): ``check_api`` refuses them.
+TRANSFORMERS_RANGE = ">=5.24,<6"
+
+
+def check_api(model: torch.nn.Module) -> None:
+    """OvssError unless ``model.forward`` takes the ``cache`` and ``mm_encoder_outputs``
+    keywords by name (an unknown keyword would be swallowed by ``**kwargs`` without a word)."""
+    import inspect
+
+    import transformers
+
+    params = inspect.signature(model.forward).parameters
+    missing = [k for k in ("cache", "mm_encoder_outputs") if k not in params]
+    if missing:
+        raise OvssError(f"fseg: {type(model).__name__}.forward has no {missing} argument "
+                        f"(transformers {transformers.__version__}; fseg needs transformers"
+                        f"{TRANSFORMERS_RANGE})")
 #: Fields of a ``tiny:`` block and their defaults (a 64 px CLIP tower, patch 8: 8x8 tokens).
 TINY_DEFAULTS: dict[str, Any] = {
     "arch": "llava", "vision_width": 32, "vision_layers": 2, "vision_heads": 2,
@@ -145,6 +165,7 @@ def load_llava(backbone: Mapping[str, Any], seed: int, dtype: str, device: str) 
     """The LLaVA of a backbone entry (see the module docstring), in eval mode on ``device``."""
     if "tiny" in backbone:
         out = _tiny_llava(backbone.get("tiny") or {}, seed)
+        check_api(out.model)
         out.model.to(device)
         return out
     arch = backbone.get("arch")
@@ -166,6 +187,7 @@ def load_llava(backbone: Mapping[str, Any], seed: int, dtype: str, device: str) 
     )
 
     cls = LlavaForConditionalGeneration if arch == "llava" else LlavaNextForConditionalGeneration
+    check_api(cls)
     torch_dtype = model_dtype(dtype, device)
     from methods.io import pretrained_kwargs, weights_error
 

@@ -90,6 +90,41 @@ def sink_free(maps: torch.Tensor, grid: tuple[int, int], sink_row: float) -> tor
     return last <= sink_row
 
 
+def chord_threshold(values: torch.Tensor) -> float:
+    """Kang et al.'s elbow of a set of values: sorted ascending as points (i, v_i), the value of
+    the point farthest from the chord joining the first and the last point (the smallest value
+    for two values or fewer). values: M -> float."""
+    v = torch.sort(values.double().flatten()).values
+    if v.numel() <= 2:
+        return float(v[0]) if v.numel() else 0.0
+    x = torch.arange(v.numel(), dtype=torch.float64)
+    dx, dy = x[-1] - x[0], v[-1] - v[0]
+    # |cross((x, v) - start, chord)| / |chord|; the norm is shared, so the argmax needs none
+    dist = (dx * (v - v[0]) - dy * (x - x[0])).abs()
+    return float(v[int(torch.argmax(dist))])
+
+
+def candidate_heads(maps: torch.Tensor, layers: torch.Tensor, grid: tuple[int, int],
+                    sink_row: float, image_mass: str, skip_layers: int) -> torch.Tensor:
+    """Which (layer, head) maps may enter the top-K by spatial entropy (Kang et al., CVPR 2025,
+    whose code keeps heads whose attention mass on the image reaches the elbow of all heads'
+    masses and drops the first two layers; a head that attends mostly to a text sink leaves a
+    faint residue on the image whose entropy can be 0).
+
+    maps: M x N attention from the S1 queries to the grid's image tokens (softmax over all
+    keys, so a map's sum is its image mass); layers: M 0-based block index of each map.
+    ``image_mass``: ``chord`` keeps maps with mass >= :func:`chord_threshold` of the M masses,
+    ``none`` keeps all; ``skip_layers``: maps of blocks 0..skip_layers-1 are dropped;
+    ``sink_row``: see :func:`sink_free`. -> M bool."""
+    keep = sink_free(maps, grid, sink_row) & (layers >= int(skip_layers))
+    if image_mass == "chord":
+        mass = maps.float().sum(-1)
+        keep &= mass.double() >= chord_threshold(mass)
+    elif image_mass != "none":
+        raise ValueError(f"image_mass must be chord or none, got {image_mass!r}")
+    return keep
+
+
 def a_v(maps: torch.Tensor, entropy: torch.Tensor, k: int,
         keep: torch.Tensor | None = None) -> torch.Tensor | None:
     """A_v: mean of the K candidate maps of lowest spatial entropy (ties: lower index first).

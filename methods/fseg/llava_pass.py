@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from methods.fseg.backbone import Llava
+from methods.base import OvssError
+from methods.fseg.backbone import TRANSFORMERS_RANGE, Llava
 from methods.fseg.qap import AnswerTokens, prefix_ids, question_ids
 
 
@@ -166,7 +167,10 @@ class PrefixRunner:
         with torch.no_grad():
             out = llava.model(input_ids=self.prefix, mm_encoder_outputs={"image": tokens.vision},
                               use_cache=True, output_hidden_states=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        self.cache = out.cache
+        if self.cache is None or self.cache.get_seq_length() != self.prefix.shape[1]:
+            raise OvssError("fseg: the LLaVA forward returned no prefix KV cache (`out.cache`); "
+                            f"transformers {TRANSFORMERS_RANGE} is needed")
         # Unit-norm image-token states per hidden layer: (L+1) x N x D float32.
         self.image_states = torch.stack([F.normalize(h[0, self.grid_pos].float(), dim=-1)
                                          for h in out.hidden_states])
@@ -178,7 +182,7 @@ class PrefixRunner:
 
     def _forward(self, ids: Sequence[int], **kw: Any) -> Any:
         x = torch.tensor([list(ids)], device=self.device)
-        return self.llava.model(input_ids=x, past_key_values=self.cache, use_cache=True, **kw)
+        return self.llava.model(input_ids=x, cache=self.cache, use_cache=True, **kw)
 
     @torch.no_grad()
     def generate(self, c_name: str, max_new_tokens: int) -> str:
@@ -229,7 +233,7 @@ class PrefixRunner:
             cache = copy.deepcopy(self.cache)
             cache.batch_repeat_interleave(len(rows))
         try:
-            res = self.llava.model(input_ids=x, past_key_values=cache, use_cache=True,
+            res = self.llava.model(input_ids=x, cache=cache, use_cache=True,
                                    output_hidden_states=True, output_attentions=True,
                                    logits_to_keep=1)
         finally:

@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "empty": ("raw", "drop"),
     "merge": MERGES,
     "layer_base": (0, 1),
+    "image_mass": ("chord", "none"),
 }
 #: SAM on one class's prompts: (points P x 2 or None, box [4] or None) -> (H x W bool, IoU).
 SamFn = Callable[[np.ndarray | None, np.ndarray | None], tuple[np.ndarray, float]]
@@ -74,6 +75,11 @@ def check_params(params: Mapping[str, Any], layers: int) -> tuple[list[int], lis
     if ls < base or le > layers - 1 + base:
         raise OvssError(f"fseg: layers l_s={ls}..l_e={le} are outside {base}..{layers - 1 + base}"
                         f" (the LLM has {layers} blocks, layer_base={base})")
+    for k in ("kernel_tokens", "min_area_tokens"):
+        if float(params[k]) < 0:
+            raise OvssError(f"fseg: {k} must be >= 0 (token units), got {params[k]}")
+    if int(params["skip_layers"]) < 0:
+        raise OvssError(f"fseg: skip_layers must be >= 0, got {params['skip_layers']}")
     if int(params["K"]) < 1:
         raise OvssError(f"fseg: K must be >= 1, got {params['K']}")
     layers_l = range(ls, le + 1)
@@ -84,12 +90,23 @@ def attention_mask(maps: torch.Tensor, entropy: torch.Tensor, attn_idx: Sequence
                    params: Mapping[str, Any], grid: tuple[int, int]) -> torch.Tensor | None:
     """M_A of one class from its L x H x N maps and L x H entropies (the chosen variant); None
     when no candidate map is left (the attention path then passes everything)."""
+    layers = torch.arange(maps.shape[0])
     if params["attn_layers"] == "range":
-        maps, entropy = maps[list(attn_idx)], entropy[list(attn_idx)]
+        layers = layers[list(attn_idx)]
+        maps, entropy = maps[layers], entropy[layers]
     flat = maps.reshape(-1, maps.shape[-1]).float()
-    keep = fm.sink_free(flat, grid, float(params["sink_row"]))
+    layer_of = layers.repeat_interleave(maps.shape[1])
+    keep = head_filter(flat, layer_of, params, grid)
     av = fm.a_v(flat, entropy.reshape(-1), int(params["K"]), keep)
     return None if av is None else fm.m_a(av)
+
+
+def head_filter(maps: torch.Tensor, layer_of: torch.Tensor, params: Mapping[str, Any],
+                grid: tuple[int, int]) -> torch.Tensor:
+    """The candidate-head guard (``sink_row``, ``image_mass``, ``skip_layers``) of M maps
+    (M x N) whose 0-based blocks are ``layer_of`` (M) -> M bool."""
+    return fm.candidate_heads(maps, layer_of, grid, float(params["sink_row"]),
+                              params["image_mass"], int(params["skip_layers"]))
 
 
 def fused_response(d_tilde_maps: torch.Tensor, masks: Sequence[torch.Tensor | None],
@@ -100,6 +117,22 @@ def fused_response(d_tilde_maps: torch.Tensor, masks: Sequence[torch.Tensor | No
     if params["fusion"] == "distance":
         return d
     return torch.stack([d[j] if m is None else fm.d_f(d[j], m) for j, m in enumerate(masks)])
+
+
+def token_size(geo: Geometry) -> tuple[float, float]:
+    """(height, width) in image pixels of one grid token: the view box over the grid."""
+    return geo.view[2] / geo.grid[0], geo.view[3] / geo.grid[1]
+
+
+def denoise_sizes(geo: Geometry, params: Mapping[str, Any]) -> tuple[int, float]:
+    """De-noising sizes in token units -> pixels: (square kernel side in px, rounded, from
+    ``kernel_tokens`` x the token's shorter side; min component area as a fraction of the
+    image, from ``min_area_tokens`` x the token's area). One LLaVA-1.5 token of a 500 x 375
+    VOC image (padded to 500) is 20.8 px, 0.23 % of the image."""
+    th, tw = token_size(geo)
+    h, w = geo.image_size
+    kernel = int(round(float(params["kernel_tokens"]) * min(th, tw)))
+    return kernel, float(params["min_area_tokens"]) * th * tw / (h * w)
 
 
 def label_map(d_f_maps: torch.Tensor, d_tilde_maps: torch.Tensor, fv: torch.Tensor,
@@ -115,6 +148,7 @@ def label_map(d_f_maps: torch.Tensor, d_tilde_maps: torch.Tensor, fv: torch.Tens
     planes = torch.cat([bg.expand(1, gh * gw), d_f_maps], 0).reshape(-1, gh, gw)
     planes_img = upsample_to_image(planes, geo.view, (h, w), "bilinear")
     guide_img = fm.argmax0(planes_img)
+    kernel_px, min_area = denoise_sizes(geo, params)
     masks, priority, mask_labels = [], [], []
     for j, label in enumerate(labels):
         p_pos, p_neg = fm.prototypes(fv, guide, j + 1)
@@ -130,8 +164,8 @@ def label_map(d_f_maps: torch.Tensor, d_tilde_maps: torch.Tensor, fv: torch.Tens
         else:
             mr = fm.m_r(mv, guide, j + 1).float().reshape(1, gh, gw)
             mr_img = upsample_to_image(mr, geo.view, (h, w), "nearest")[0] > 0.5
-        prompts = sam_prompts(mr_img.numpy(), int(params["kernel"]), params["morph"],
-                              float(params["min_area"]), int(params["max_points"]),
+        prompts = sam_prompts(mr_img.numpy(), kernel_px, params["morph"],
+                              min_area, int(params["max_points"]),
                               bool(params["snap_centroid"]), params["empty"])
         if prompts is None:
             continue

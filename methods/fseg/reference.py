@@ -24,6 +24,7 @@ from methods.fseg.pipeline import (
     Geometry,
     check_params,
     fused_response,
+    head_filter,
     label_map,
     torch_threads,
 )
@@ -107,6 +108,7 @@ def _attention_mask(attentions: Sequence[torch.Tensor], s1: list[int], grid_pos:
                       for i in layers])                               # M x N
     entropy = torch.tensor([fm.spatial_entropy(m.reshape(grid).numpy(), params["entropy"])
                             for m in maps])
-    keep = fm.sink_free(maps, grid, float(params["sink_row"]))
+    layer_of = torch.tensor([i for i in layers for _ in range(attentions[i].shape[1])])
+    keep = head_filter(maps, layer_of, params, grid)
     av = fm.a_v(maps, entropy, int(params["K"]), keep)
     return None if av is None else fm.m_a(av)

@@ -1,19 +1,20 @@
 """``FSegSegmenter``: extract once per image (LLaVA + SAM encoder), decode per trial.
 
 Evidence of one image (N grid tokens, L LLM blocks, H heads, Y yes-classes, S sub-tokens of
-their names in all, Dv visual width; ``evidence_dtype`` float16 by default):
+their names in all, Dv visual width; ``evidence_dtype`` (F_v only) float16 by default):
 
 =================  ===========================  ============================================
 ``fv``             N x Dv, dtype                F_v on the grid (VGM prototypes)
-``sam_embedding``  1 x C x h x w, dtype         SAM image-encoder output
+``sam_embedding``  1 x C x h x w, float32       SAM image-encoder output (what its decoder reads)
 ``cos``            S x (L+1) x N, float32       cos(F^l(v_i), F^l(t)) per hidden state l
-``attn``           Y x L x H x N, dtype         S1 -> image attention, mean over S1 queries
+``attn``           Y x L x H x N, float32       S1 -> image attention, mean over S1 queries
 ``entropy``        V x Y x L x H, float32       spatial entropy of every map, per variant
 =================  ===========================  ============================================
 
 meta: image size, grid, view box, SAM input size, yes label values, sub-tokens per yes-class,
-whether each has an S1, the answers, S0 fallbacks. For LLaVA-1.5-7B with 3 yes-classes this is
-about 3.7 MB. Decode runs no LLaVA and no SAM image encoder: only SAM's prompt encoder and mask
+whether each has an S1, the QAP answers of every class (the model's, or the teacher-forced ones
+under ``qa: present``), S0 fallbacks. For LLaVA-1.5-7B + SAM ViT-H with 3 yes-classes this is
+about 6 MB. Decode runs no LLaVA and no SAM image encoder: only SAM's prompt encoder and mask
 decoder on the cached embedding.
 """
 
@@ -43,22 +44,28 @@ from methods.fseg.qap import answer_tokens, canonical_answer, is_yes
 from methods.fseg.sam import EmbeddingDecoder, image_embedding, load_sam
 
 SETTINGS: dict[str, Any] = {
-    "seed": 0, "qa": "auto", "max_new_tokens": 96, "pad_to_square": True, "grid": "base",
+    "presence_source": "model", "seed": 0, "qa": "auto", "max_new_tokens": 96,
+    "pad_to_square": True, "grid": "base",
     "vgm_features": "vision", "evidence_dtype": "float16", "dtype": "auto", "decode_threads": 1,
     "sam_memo": 256, "class_batch": 4,
 }
 SETTING_CHOICES: dict[str, tuple[Any, ...]] = {
+    "presence_source": ("model", "image_labels", "ground_truth"),
     "qa": ("auto", "model", "present"), "grid": ("base", "highres"),
     "vgm_features": ("vision", "projector"), "evidence_dtype": ("float16", "float32"),
     "pad_to_square": (True, False),
 }
-#: Settings that change extract's output (seed too, for tiny random weights).
-EXTRACT_SETTINGS = ("qa", "max_new_tokens", "pad_to_square", "grid", "vgm_features",
-                    "evidence_dtype", "dtype")
+#: Settings that change extract's output (seed too, for tiny random weights). presence_source
+#: is read by the search (it decides whether extract gets ``present``); it is in the key so that
+#: evidence extracted with the model's answers and with given labels never share an entry.
+EXTRACT_SETTINGS = ("presence_source", "qa", "max_new_tokens", "pad_to_square", "grid",
+                    "vgm_features", "evidence_dtype", "dtype")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 BACKBONE_KEYS = ("name", "arch", "model", "path", "template", "tiny", "sam", "sam_checkpoint",
                  "sam_random")
-VERSION = 1
+#: 2: attention maps and SAM embedding stored in float32 whatever evidence_dtype (1 stored
+#: them in evidence_dtype: label maps differed from float32's; docs/fseg.md).
+VERSION = 2
 
 
 class FSegSegmenter(Segmenter):
@@ -138,7 +145,10 @@ class FSegSegmenter(Segmenter):
     def extract(self, image: np.ndarray, classes: ClassSet,
                 present: Sequence[int] | None = None) -> Evidence:
         """LLaVA vision once, the shared prefix once, QAP (+ TVR maps) per class, SAM encoder
-        once. ``present``: image-level labels, the yes-set under ``qa: present`` / ``auto``."""
+        once. ``present``: label values of the classes given as present (image labels or ground
+        truth), the yes-set under ``qa: present`` / ``auto``; None (``presence_source: model``):
+        under ``auto`` the model answers every class (greedy, knob-independent) and its answers
+        and yes-set are stored in the evidence's meta."""
         image = check_image(image)
         mode = self.qa_mode(present)
         s = self.settings
@@ -162,8 +172,8 @@ class FSegSegmenter(Segmenter):
             cos, attn = torch.zeros(0, layers + 1, n), torch.zeros(0, layers, heads, n)
         entropy = fm.spatial_entropies(attn, tokens.grid)
         tensors = {"fv": tokens.fv.to(dtype).contiguous(),
-                   "sam_embedding": emb.cpu().to(dtype).contiguous(),
-                   "cos": cos.float(), "attn": attn.to(dtype).contiguous(),
+                   "sam_embedding": emb.cpu().float().contiguous(),
+                   "cos": cos.float(), "attn": attn.float().contiguous(),
                    "entropy": entropy.contiguous()}
         meta = {"background": classes.background, "num_classes": len(classes.names),
                 "image_size": list(image.shape[:2]), "grid": list(tokens.grid),
