@@ -147,10 +147,10 @@ def run_search(plan) -> str:
     import sys
     import time
 
-    if plan.holdout_note:
-        print(plan.holdout_note, file=sys.stderr)
     phases: dict[str, float] = {}    # seconds per phase, logged as time/<phase>_s
     t0 = time.perf_counter()
+    if plan.holdout_note:   # every input accepted: say which images are held out
+        print(plan.holdout_note, file=sys.stderr)
     started = _init_ray(args.address)
     phases["ray_start"] = time.perf_counter() - t0
     try:

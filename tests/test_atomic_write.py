@@ -181,6 +181,16 @@ ALLOWED = {
     ("methods/open_clip_backbone.py", "tiny_model_name"): "a tiny config in a mkdtemp directory",
     ("methods/pnp/presence.py", "_register_tiny"): "a tiny config in a mkdtemp directory",
     ("bench/search.py", "main"): "a random-weight checkpoint in the bench's temporary directory",
+    ("search/backbones.py", "run_backbones"): "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/evaluate.py", "write_table"): "called with a TemporaryDirectory (evaluate, holdout)",
+    ("search/evaluate.py", "write_overlays"): "called with a TemporaryDirectory (evaluate)",
+    ("search/model.py", "encode_image"): "PNG bytes into an in-memory buffer",
+    ("search/model.py", "log_tuned_model"): "a TemporaryDirectory, logged as an MLflow model",
+    ("search/rerank.py", "proxy_context"): "dataclasses.replace, not a file",
+    ("search/rerank.py", "rescore"): "dataclasses.replace, not a file",
+    ("search/rerank.py", "rerank"): "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/transfer.py", "heatmap"): "called with a TemporaryDirectory (transfer)",
+    ("search/transfer.py", "transfer"): "a TemporaryDirectory, logged as an MLflow artifact",
 }
 
 

@@ -275,12 +275,28 @@ def test_mlflow_server_auth_is_one_variable(tmp_path):
 
 
 def test_cluster_configs_keep_the_dashboard_on_localhost():
-    for name in ("ray-cluster.yaml", "kuberay.yaml"):
-        text = (REPO / "infra" / name).read_text()
-        assert "dashboard-host" in text and "0.0.0.0" not in text, name
-        for line in text.splitlines():
-            if "dashboard-host" in line:
-                assert "127.0.0.1" in line, line
+    text = (REPO / "infra" / "ray-cluster.yaml").read_text()
+    assert "dashboard-host" in text and "0.0.0.0" not in text
+    for line in text.splitlines():
+        if "dashboard-host" in line:
+            assert "127.0.0.1" in line, line
+
+
+def test_kuberay_exposes_nothing_outside_the_cluster():
+    """In a pod, servers listen on the pod network (KubeRay's RayJob submitter needs the
+    dashboard there, MLflow serves the other pods); no Service leaves the cluster."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all((REPO / "infra" / "kuberay.yaml").read_text()) if d]
+    services = [d for d in docs if d.get("kind") == "Service"]
+    assert services
+    for svc in services:
+        assert svc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP", svc["metadata"]
+    assert not [d for d in docs if d.get("kind") == "Ingress"]
+    for d in docs:
+        if d.get("kind") == "RayCluster":
+            head = d["spec"]["headGroupSpec"]
+            assert head.get("serviceType", "ClusterIP") == "ClusterIP"
 
 
 def test_readme_says_why_storage_is_private_and_how_to_turn_on_mlflow_auth():
