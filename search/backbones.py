@@ -66,8 +66,7 @@ def run_backbones(args: argparse.Namespace) -> str:
             r = plan.resolved
             exp = client.get_experiment_by_name(tracking.experiment_name(
                 r.method, r.backbone_name, plan.dataset_name))
-            run = client.get_run(tracking.previous_search_run(client, exp.experiment_id,
-                                                              plan.name))
+            run = tracking.previous_search(client, exp.experiment_id, plan.name)
             m = run.data.metrics
             rows.append({"": r.backbone_name, "best score": m.get("best_score", math.nan),
                          "holdout tuned": m.get("holdout_miou_best", math.nan),

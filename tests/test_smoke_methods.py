@@ -29,7 +29,9 @@ def test_smoke_search_exports_and_infers(method, ray_session, workdir, capsys):
     trials = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert len(trials) >= 8 and {t.info.status for t in trials} == {"FINISHED"}
-    assert all("miou" in t.data.metrics for t in trials)
+    assert all("rung/miou" in t.data.metrics for t in trials)   # every trial scored
+    full = [t for t in trials if "ovss_pruned" not in t.data.tags]
+    assert full and all("miou" in t.data.metrics for t in full)     # headline: every image
     out = workdir / "tuned.yaml"
     assert export_main(["--method", method, "--tracking-uri", uri, "--out", str(out)]) == 0
     cfg = yaml.safe_load(out.read_text())
