@@ -155,6 +155,16 @@ def run_search(plan) -> str:
     phases["ray_start"] = time.perf_counter() - t0
     try:
         resources = plan_resources(args)
+        if args.address:   # a cluster: every node must see the cache and the data
+            from search.preflight import check_nodes_see_inputs
+
+            first = plan.items[0] if plan.items else None
+            paths = [plan.data_kwargs["root"]]
+            if first is not None:
+                from search.data import open_dataset
+
+                paths.append(str(open_dataset(**plan.data_kwargs).image_path(first.index)))
+            check_nodes_see_inputs(plan.cache_dir, paths)
         device = "cuda" if args.gpus_per_trial > 0 else "cpu"
         seg_cls = get_segmenter_class(r.method)
         ctx = SearchContext(

@@ -123,3 +123,55 @@ def check_ray_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -
     except OSError as e:
         raise OvssError(f"--address {address}: nothing answers at {host}:{port} within "
                         f"{timeout:g} s ({e.strerror or e})") from None
+
+
+def _probe_task(probe: str, token: str, paths: list[str]) -> tuple[str, str, list[str]]:
+    """On one node: does it see the driver's probe file and the data? -> (node id, ip, problems)."""
+    import ray
+
+    problems = []
+    try:
+        if Path(probe).read_text() != token:
+            problems.append(f"{Path(probe).parent} (the cache directory holds another file "
+                            "under the probe's name: not the driver's directory)")
+    except OSError as e:
+        problems.append(f"{Path(probe).parent} (the driver's probe file is not there: "
+                        f"{e.strerror or e}; put --cache-dir on storage every node mounts)")
+    for p in paths:
+        if not os.access(p, os.R_OK):
+            problems.append(f"{p} (not readable here)")
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), problems
+
+
+def check_nodes_see_inputs(cache_dir: str | Path, paths: list[str],
+                           timeout: float = 120.0) -> int:
+    """Every alive node of the Ray cluster must see the evidence cache (a probe file the driver
+    writes there) and the data (``paths``: the data root and one image). One OvssError line
+    naming the node and the path otherwise; returns the number of nodes checked."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = cache / f".ovss-probe-{token}"
+    probe.write_text(token)
+    try:
+        task = ray.remote(_probe_task)
+        refs = {task.options(num_cpus=0, max_retries=0, scheduling_strategy=
+                             NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                                 str(probe), token, paths): n for n in nodes}
+        done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        if pending:
+            n = refs[pending[0]]
+            raise OvssError(f"node {n.get('NodeManagerAddress')} ({n['NodeID'][:12]}) did not "
+                            f"answer the input check within {timeout:g} s")
+        for node_id, ip, problems in ray.get(done):
+            if problems:
+                raise OvssError(f"node {ip} ({node_id[:12]}) cannot see {problems[0]}")
+    finally:
+        probe.unlink(missing_ok=True)
+    return len(nodes)

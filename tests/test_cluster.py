@@ -150,3 +150,17 @@ def test_resources_fit_the_work(monkeypatch, capsys):
     r = orch.plan_resources(_args(gpus_per_extract=1, gpus_per_trial=0.5, autoscale=True))
     assert asked == [[{"GPU": 1.0, "CPU": 1.0}, {"GPU": 0.5, "CPU": 1.0}]]
     assert "asked the autoscaler for 1 GPU, 0.5 GPU" in capsys.readouterr().err
+
+
+def test_every_node_must_see_the_cache_and_the_data(ray_session, tmp_path, voc_root):
+    from methods.base import OvssError
+    from search.preflight import check_nodes_see_inputs
+
+    cache = tmp_path / "cache"
+    assert check_nodes_see_inputs(cache, [str(voc_root)]) == len(
+        [n for n in ray_session.nodes() if n["Alive"]])
+    assert list(cache.iterdir()) == []                        # the probe is removed
+    missing = tmp_path / "not-mounted-here"
+    with pytest.raises(OvssError, match=r"node \S+ \(\w+\) cannot see .*not-mounted-here"):
+        check_nodes_see_inputs(cache, [str(voc_root), str(missing)])
+    assert list(cache.iterdir()) == []
