@@ -127,10 +127,8 @@ def run_search(plan) -> str:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from methods import get_segmenter_class
     from search import tracking
     from search.preflight import check_ray_address, check_tracking_store
-    from search.trial import SearchContext
 
     args = plan.args
     r = plan.resolved
@@ -165,15 +163,7 @@ def run_search(plan) -> str:
 
                 paths.append(str(open_dataset(**plan.data_kwargs).image_path(first.index)))
             check_nodes_see_inputs(plan.cache_dir, paths)
-        device = "cuda" if args.gpus_per_trial > 0 else "cpu"
-        seg_cls = get_segmenter_class(r.method)
-        ctx = SearchContext(
-            method=r.method, backbone=r.backbone, settings=r.settings, defaults=r.defaults,
-            classes=plan.classes.to_dict(), dataset=plan.data_kwargs, items=plan.items,
-            rungs=plan.rungs, reward=plan.reward, cache_dir=str(plan.cache_dir),
-            extraction_knobs=tuple(seg_cls.extraction_knobs), fidelity=bool(args.fidelity),
-            device=device, presence_source=r.settings.get("presence_source", "model"))
-        ctx.settings_key = _settings_key(ctx)
+        ctx = search_context(plan, "cuda" if args.gpus_per_trial > 0 else "cpu")
         search_ctx = ctx          # two-stage search (--rerank-top): trials run the proxy
         if getattr(plan, "rerank_top", 0):
             from search.rerank import proxy_context
@@ -249,6 +239,23 @@ def run_search(plan) -> str:
     finally:
         if started:
             ray.shutdown()
+
+
+def search_context(plan, device: str):
+    """The picklable :class:`search.trial.SearchContext` of a validated plan."""
+    from methods import get_segmenter_class
+    from search.trial import SearchContext
+
+    r = plan.resolved
+    ctx = SearchContext(
+        method=r.method, backbone=r.backbone, settings=r.settings, defaults=r.defaults,
+        classes=plan.classes.to_dict(), dataset=plan.data_kwargs, items=plan.items,
+        rungs=plan.rungs, reward=plan.reward, cache_dir=str(plan.cache_dir),
+        extraction_knobs=tuple(get_segmenter_class(r.method).extraction_knobs),
+        fidelity=bool(plan.args.fidelity), device=device,
+        presence_source=r.settings.get("presence_source", "model"))
+    ctx.settings_key = _settings_key(ctx)
+    return ctx
 
 
 def _settings_key(ctx) -> dict:

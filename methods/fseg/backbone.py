@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,6 +160,30 @@ def model_dtype(name: str, device: str) -> torch.dtype:
         raise OvssError(f"fseg: settings.dtype must be auto or one of {sorted(table)}, "
                         f"got {name!r}")
     return table[name]
+
+
+def check_llava_spec(backbone: Mapping[str, Any]) -> None:
+    """The checks of :func:`load_llava` that need no weights (arch, source, template, a local
+    path that exists): one-line OvssError before anything is built."""
+    if "tiny" in backbone:
+        return
+    name = backbone.get("name")
+    if backbone.get("arch") not in ARCHS:
+        raise OvssError(f"fseg backbone {name!r}: arch must be one of {ARCHS}, "
+                        f"got {backbone.get('arch')!r}")
+    source = backbone.get("path") or backbone.get("model")
+    if not source:
+        raise OvssError(f"fseg backbone {name!r}: give `model` (hub id) or `path`")
+    if backbone.get("path"):
+        local = Path(str(backbone["path"])).expanduser()
+        if not local.exists():
+            raise OvssError(f"fseg backbone {name!r}: LLaVA path {local} not found")
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise OvssError(f"fseg backbone {name!r}: LLaVA path {local} has no config.json "
+                            "(not a transformers model directory)")
+    if backbone.get("template", "llava_v1") not in TEMPLATES:
+        raise OvssError(f"fseg backbone {name!r}: template must be one of "
+                        f"{sorted(TEMPLATES)}, got {backbone.get('template')!r}")
 
 
 def load_llava(backbone: Mapping[str, Any], seed: int, dtype: str, device: str) -> Llava:

@@ -30,7 +30,7 @@ import torch
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
 from methods.fseg import formulas as fm
-from methods.fseg.backbone import load_llava
+from methods.fseg.backbone import check_llava_spec, load_llava
 from methods.fseg.llava_pass import ClassEvidence, PrefixRunner, encode_image
 from methods.fseg.pipeline import (
     Geometry,
@@ -68,6 +68,13 @@ BACKBONE_KEYS = ("name", "arch", "model", "path", "template", "tiny", "sam", "sa
 VERSION = 2
 
 
+class _Deferred:
+    """A model that is built when first needed."""
+
+    def __init__(self, build):
+        self.build = build
+
+
 class FSegSegmenter(Segmenter):
     """FSeg-LLaVA (Zhang et al., CVPR 2026): LLaVA QAP + TVR + VGM, then SAM prompts."""
 
@@ -92,7 +99,9 @@ class FSegSegmenter(Segmenter):
         if not isinstance(self.settings["class_batch"], int) or self.settings["class_batch"] < 1:
             raise OvssError(f"fseg: settings.class_batch must be an integer >= 1, "
                             f"got {self.settings['class_batch']!r}")
-        self.llava, self.sam, self.device = llava, sam, device
+        # llava: the bundle, or a zero-argument builder called on first use (extract only):
+        # a trial worker that decodes cached evidence never builds the LLM.
+        self._llava, self.sam, self.device = llava, sam, device
         self.predictor = SamPredictor(sam)
         self.backbone = {k: backbone[k] for k in BACKBONE_KEYS if k in backbone}
 
@@ -100,9 +109,22 @@ class FSegSegmenter(Segmenter):
     def from_spec(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
                   device: str = "cpu") -> FSegSegmenter:
         seed = int(settings.get("seed", 0))
-        sam = load_sam(backbone, seed, device)         # cheap checks first: a missing file
-        llava = load_llava(backbone, seed, str(settings.get("dtype", "auto")), device)
-        return cls(llava, sam, backbone, settings, device)
+        check_llava_spec(backbone)                     # cheap checks first: names, paths
+        sam = load_sam(backbone, seed, device)         # (decode needs SAM's decoder)
+        dtype = str(settings.get("dtype", "auto"))
+        return cls(_Deferred(lambda: load_llava(backbone, seed, dtype, device)), sam, backbone,
+                   settings, device)
+
+    @property
+    def llava(self):
+        """The LLaVA bundle, built on first use."""
+        if isinstance(self._llava, _Deferred):
+            self._llava = self._llava.build()
+        return self._llava
+
+    @property
+    def llava_built(self) -> bool:
+        return not isinstance(self._llava, _Deferred)
 
     def settings_key(self) -> dict[str, Any]:
         key = {k: self.settings[k] for k in EXTRACT_SETTINGS}
