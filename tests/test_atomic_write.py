@@ -191,6 +191,7 @@ ALLOWED = {
     ("search/rerank.py", "rerank"): "a TemporaryDirectory, logged as an MLflow artifact",
     ("search/transfer.py", "heatmap"): "called with a TemporaryDirectory (transfer)",
     ("search/transfer.py", "transfer"): "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/preflight.py", "check_nodes_see_inputs"): "a probe file, removed right after",
 }
 
 
