@@ -58,6 +58,7 @@ def test_server_killed_mid_search_then_sync(workdir, voc_root, capsys):
     finally:
         if proc.poll() is None:
             proc.kill()
+        stop(server)                                   # (again: on a failure before it)
     reader.join(timeout=10)
     err = "".join(lines)
     assert proc.returncode == 2, err[-3000:]
