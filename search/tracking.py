@@ -174,14 +174,6 @@ class MlflowTrialCallback(tune.Callback):
         d["_client"] = None
         return d
 
-    # Tune checkpoints callback state with the experiment; :meth:`reconcile` rebuilds the
-    # trial -> run map from MLflow anyway (the checkpoint can be ~10 s older than the record).
-    def get_state(self) -> dict:
-        return {"numbers": self.numbers}
-
-    def set_state(self, state: dict) -> None:
-        self.numbers.update(state.get("numbers", {}))
-
     def go_offline(self, error: BaseException) -> None:
         import sys
 
@@ -190,10 +182,6 @@ class MlflowTrialCallback(tune.Callback):
         print(f"warning: the MLflow store {self.tracking_uri} failed ({line}); trials go on "
               "and their results stay in Tune's results directory; push them when it is back "
               "with python -m search.sync", file=sys.stderr)
-
-    def unfinished(self) -> list[str]:
-        """Trials that started but neither completed nor failed (the search was interrupted)."""
-        return [t for t in self.runs if t not in self.ended]
 
     @property
     def client(self) -> MlflowClient:

@@ -25,9 +25,10 @@ def _config(path, params=TUNED, **extra):
     return path
 
 
-def direct_scores(root, params, dataset="voc21", n=None):
-    """Slow transcription: segment each image whole, count per class over all images
-    |pred=c & gt=c| / |pred=c or gt=c| (gt 255 left out), mean over classes with a union."""
+def direct_scores(root, params, dataset="voc21", n=None, ids=None):
+    """Slow transcription: segment each image whole, count per class over all images (the first
+    ``n``, or those whose id is in ``ids``) |pred=c & gt=c| / |pred=c or gt=c| (gt 255 left
+    out), mean over classes with a union."""
     from search.data import open_dataset
     from tests.toy_method import ToySegmenter
 
@@ -37,6 +38,8 @@ def direct_scores(root, params, dataset="voc21", n=None):
     inter, union = np.zeros(k), np.zeros(k)
     right = total = 0
     for i in range(len(data) if n is None else n):
+        if ids is not None and data.ids()[i] not in ids:
+            continue
         gt = data.label(i).astype(np.int64)
         pred = seg.segment(data.image(i), data.classes, params, data.image_labels(i))
         keep = gt != 255

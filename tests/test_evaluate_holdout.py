@@ -10,7 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from search.run import main as run_main
-from tests.test_evaluate import PAPER
+from tests.test_evaluate import PAPER, direct_scores
 
 pytestmark = pytest.mark.slow
 
@@ -23,30 +23,8 @@ def voc20_root(tmp_path_factory):
 
 
 def _direct(root, params, ids):
-    """mIoU over the images ``ids`` by direct counting (tests.test_evaluate.direct_scores)."""
-    import math
-
-    import numpy as np
-
-    from search.data import open_dataset
-    from tests.toy_method import ToySegmenter
-
-    data = open_dataset("voc21", root)
-    seg = ToySegmenter({"seed": 0, "fail_flag": ""})
-    k = len(data.classes.names)
-    inter, union = np.zeros(k), np.zeros(k)
-    for i, image_id in enumerate(data.ids()):
-        if image_id not in ids:
-            continue
-        gt = data.label(i).astype(np.int64)
-        pred = seg.segment(data.image(i), data.classes, params, data.image_labels(i))
-        keep = gt != 255
-        for c in range(k):
-            p, g = (pred == c) & keep, (gt == c) & keep
-            inter[c] += (p & g).sum()
-            union[c] += (p | g).sum()
-    ious = [inter[c] / union[c] for c in range(k) if union[c] > 0]
-    return sum(ious) / len(ious) if ious else math.nan
+    """mIoU over the images ``ids`` by direct counting."""
+    return direct_scores(root, params, ids=ids)[0]
 
 
 def test_default_holdout_is_a_fifth_and_scored(ray_session, workdir, voc20_root, capsys):

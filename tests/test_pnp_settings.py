@@ -20,17 +20,9 @@ from methods.pnp.reference import (
     word_piece_means,
 )
 from search.config import load_method_spec, resolve
+from tests.test_pnp import CLASSES, PRESENT, SETTINGS, TINY, params
 
-TINY = {"width": 32, "layers": 3, "heads": 2, "image_size": 64, "patch_size": 16}
-SETTINGS = {"image_size": 64, "drop_k": 3, "evidence_dtype": "float32", "presence": "all"}
-CLASSES = ClassSet.from_names(["cat", "dog", "pottedplant", "tvmonitor"], background=True)
-PRESENT = [1, 3, 4]
 KNOBS = {"layer": 1, "head": 2, "drop_iters": 3}
-
-
-def params(**kw):
-    return {"layer": 1, "head": 2, "threshold": 0.15, "sigma": 0.05, "drop_iters": 3,
-            "crf": False, **kw}
 
 
 @pytest.fixture(scope="module", params=["blip", "bridgetower"])
