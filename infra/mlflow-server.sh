@@ -8,6 +8,9 @@
 # password in MLFLOW_AUTH_ADMIN_PASSWORD (MLFLOW_AUTH_CONFIG_PATH may name your own ini); clients
 # then set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD. Searches log there with
 # --tracking-uri http://<host>:5000.
+# Without MLFLOW_AUTH it runs the app `ovss` (search/mlflow_app.py, installed with this repo):
+# MLflow's server whose UI opens experiments on their runs table instead of the GenAI overview
+# (MLflow 3.17's default); with basic-auth, the links a search prints name the view instead.
 #
 # Allowed hosts: MLflow answers 403 "Invalid Host header" to a request whose Host header it does
 # not know (its guard against DNS rebinding; by default it knows only localhost and private IPs).
@@ -41,7 +44,7 @@ if [ -n "$ALLOWED" ]; then
   EXTRA=(--allowed-hosts "$hosts")
   echo "mlflow-server: allowed hosts: $ALLOWED (+ loopback, private IPs)" >&2
 fi
-AUTH=()
+AUTH=(--app-name ovss)
 if [ "${MLFLOW_AUTH:-0}" = "1" ]; then AUTH=(--app-name basic-auth); fi
 exec "$MLFLOW" server --host "$HOST" --port "$PORT" ${AUTH[@]+"${AUTH[@]}"} \
   --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --serve-artifacts \

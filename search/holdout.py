@@ -163,8 +163,11 @@ def finish_search(client, parent_id: str, plan, best: Mapping[str, Any]) -> str:
 def ui_link(tracking_uri: str, experiment_id: str) -> str:
     """Where the MLflow UI shows the experiment's runs table. MLflow 3.17's UI picks GenAI or
     model-training pages from a workflow switch (URL ``workflowType``, else the browser's last
-    choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag."""
+    choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag: the
+    link names the view, and a local UI is started with ``--app-name ovss``
+    (:mod:`search.mlflow_app`), which opens runs tables without it."""
     page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+    return (f"mlflow ui --app-name ovss --backend-store-uri {tracking_uri}, then "
+            f"http://127.0.0.1:5000/{page}")

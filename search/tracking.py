@@ -40,8 +40,8 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    # Without this tag the MLflow 3 UI opens a new experiment on its GenAI overview (traces);
-    # "custom_model_development" opens it on the runs table.
+    # The MLflow 3 UIs that read this tag open the experiment on its runs table; MLflow 3.17's
+    # reads its workflow switch instead (search/mlflow_app.py, `mlflow server --app-name ovss`).
     return client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
@@ -88,17 +88,22 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
+                tags: Mapping[str, str] | None = None) -> None:
+    """Finite numeric ``metrics`` at ``step`` (and ``tags``) in as few store calls as MLflow's
+    batch limits allow (one for up to 500 metrics)."""
     import math
     import time
 
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     ts = int(time.time() * 1000)
     items = [Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
+    tag_items = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(items), 1 if tag_items else 0), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500],
+                         tags=tag_items if i == 0 else [])
 
 
 def _metric_key(k: str) -> str:
@@ -135,6 +140,48 @@ def _guarded(hook):
     return run
 
 
+class _Writer:
+    """One thread that makes a callback's store calls, in the order they were submitted, off
+    Tune's event loop: the loop hands a trial's record over and goes on scheduling trials while
+    the store answers. The first failing call puts the owner offline; later calls are dropped."""
+
+    def __init__(self, owner: MlflowTrialCallback):
+        import queue
+
+        self.owner = owner
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = None
+
+    def submit(self, call) -> None:
+        import threading
+
+        if self.owner.offline:
+            return
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._loop, name="ovss-mlflow-writer",
+                                           daemon=True)
+            self.thread.start()
+        self.queue.put(call)
+
+    def _loop(self) -> None:
+        while True:
+            call = self.queue.get()
+            try:
+                if call is None:
+                    return
+                if not self.owner.offline:
+                    call()
+            except Exception as e:  # noqa: BLE001 - any store failure: MlflowException, HTTP, OS
+                self.owner.go_offline(e)
+            finally:
+                self.queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every submitted call has been made (or dropped)."""
+        if self.thread is not None:
+            self.queue.join()
+
+
 class MlflowTrialCallback(tune.Callback):
     """Logs each Tune trial as a child run of the search's parent run (in the driver).
 
@@ -143,6 +190,13 @@ class MlflowTrialCallback(tune.Callback):
     :meth:`reconcile` maps the trials Tune knows to their runs and closes the runs of a dead
     driver that the restored state does not know (KILLED, tagged ``ovss_orphaned``). Tune
     checkpoints its state at most every ~10 s, so those runs exist after a SIGKILL.
+
+    The store calls run on one writer thread (:class:`_Writer`), in order; Tune's loop does not
+    wait for them. :meth:`get_state` (called by Tune before it saves the experiment state) waits
+    for them, so a saved state is never ahead of the record; so do :meth:`reconcile`,
+    :meth:`flush` (end of the experiment) and :meth:`close_open_runs`. A trial costs one store
+    call for its run and tags, one for its params (one more for its dataset input), one per
+    result (the first carries the node tags), one for the final metrics, one for the end status.
 
     Metrics: the headline metric (``miou`` or ``clip_score``, and ``score``) is logged once, when a
     trial finishes its last rung; per-rung values go under ``rung/<metric>`` with step = number of
@@ -159,7 +213,7 @@ class MlflowTrialCallback(tune.Callback):
         self.parent_run_id = parent_run_id
         self.metric_name = metric_name
         self.fixed_params = dict(fixed_params)
-        self.runs: dict[str, str] = {}      # trial_id -> run_id
+        self.runs: dict[str, str] = {}      # trial_id -> run_id (written by the writer thread)
         self.numbers: dict[str, int] = {}   # trial_id -> 0-based trial number
         self.last: dict[str, dict] = {}     # trial_id -> last result
         self.ended: set[str] = set()        # trial_ids that completed or failed
@@ -168,15 +222,19 @@ class MlflowTrialCallback(tune.Callback):
         self.offline: str | None = None     # the store error that stopped logging, if any
         self.dataset_input = None           # mlflow DatasetInput logged on every child run
         self._client: MlflowClient | None = None
+        self._writer: _Writer | None = None
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
         d = dict(self.__dict__)
         d["_client"] = None
+        d["_writer"] = None
         return d
 
     def go_offline(self, error: BaseException) -> None:
         import sys
 
+        if self.offline:
+            return
         line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         self.offline = line
         print(f"warning: the MLflow store {self.tracking_uri} failed ({line}); trials go on "
@@ -189,6 +247,23 @@ class MlflowTrialCallback(tune.Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
+    def _submit(self, call) -> None:
+        if getattr(self, "_writer", None) is None:
+            self._writer = _Writer(self)
+        self._writer.submit(call)
+
+    def flush(self) -> None:
+        """Wait for every store call handed to the writer thread."""
+        if getattr(self, "_writer", None) is not None:
+            self._writer.flush()
+
+    def get_state(self):
+        self.flush()      # Tune saves its experiment state next: the record is not behind it
+        return None
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
+
     def _children(self) -> list:
         return self.client.search_runs(
             [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}' and "
@@ -198,9 +273,11 @@ class MlflowTrialCallback(tune.Callback):
     @_guarded
     def reconcile(self, trials) -> None:
         """Map the trials Tune knows (restored or new) to their existing child runs; close and
-        tag the runs no known trial owns. Runs once, before any trial of this driver starts."""
+        tag the runs no known trial owns; record a trial Tune saw end whose run the dead
+        driver never wrote. Runs once, before any trial of this driver starts."""
         if self.reconciled:
             return
+        self.flush()
         self.reconciled = True
         known = {t.trial_id: t for t in trials}
         self.runs.clear()
@@ -221,11 +298,18 @@ class MlflowTrialCallback(tune.Callback):
             if status in ("TERMINATED", "ERROR"):
                 self.ended.add(tid)
                 if run.info.status == "RUNNING":  # ended in Tune, the driver died before logging
-                    if status == "ERROR":
-                        self._log_error(trial, run.info.run_id)
-                    else:
-                        self._log_final(trial, run.info.run_id,
-                                        dict(getattr(trial, "last_result", {}) or {}))
+                    self._record_end(trial, run.info.run_id)
+        for tid, trial in known.items():
+            status = str(getattr(trial, "status", ""))
+            if tid not in self.runs and status in ("TERMINATED", "ERROR"):
+                self._record_end(trial, self._run_id(*self._spec(trial)))
+                self.ended.add(tid)
+
+    def _record_end(self, trial, run_id: str) -> None:
+        if str(getattr(trial, "status", "")) == "ERROR":
+            self._log_error(getattr(trial, "error_file", None), run_id)
+        else:
+            self._log_final(run_id, dict(getattr(trial, "last_result", {}) or {}))
 
     def _orphan(self, run, why: str) -> None:
         run_id = run.info.run_id
@@ -241,20 +325,25 @@ class MlflowTrialCallback(tune.Callback):
         self.client.update_run(run_id, name=f"orphaned-{run.info.run_name}")
         self.orphaned.append(run_id)
 
-    def _run_for(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            n = _creation_number(trial, fallback=len(self.numbers))
-            self.numbers[trial.trial_id] = n
+    def _spec(self, trial) -> tuple[str, int, dict]:
+        """(trial id, 0-based number, config), read from Tune's trial in the driver thread."""
+        tid = trial.trial_id
+        if tid not in self.numbers:
+            self.numbers[tid] = _creation_number(trial, fallback=len(self.numbers))
+        return tid, self.numbers[tid], dict(trial.config or {})
+
+    def _run_id(self, tid: str, n: int, config: dict) -> str:
+        """The trial's child run, created on first use (writer thread, or after a flush)."""
+        if tid not in self.runs:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"trial-{n:03d}",
                 tags={**self.tags, "mlflow.parentRunId": self.parent_run_id, TAG_ROLE: "trial",
-                      "ovss_trial_id": trial.trial_id, "ovss_trial_number": str(n)})
-            self.runs[trial.trial_id] = run.info.run_id
-            params = {**self.fixed_params, **(trial.config or {})}
-            log_params(self.client, run.info.run_id, params)
+                      "ovss_trial_id": tid, "ovss_trial_number": str(n)})
+            self.runs[tid] = run.info.run_id
+            log_params(self.client, run.info.run_id, {**self.fixed_params, **config})
             if getattr(self, "dataset_input", None) is not None:
                 self.client.log_inputs(run.info.run_id, [self.dataset_input])
-        return self.runs[trial.trial_id]
+        return self.runs[tid]
 
     @_guarded
     def on_step_begin(self, iteration, trials, **info):
@@ -263,30 +352,36 @@ class MlflowTrialCallback(tune.Callback):
     @_guarded
     def on_trial_start(self, iteration, trials, trial, **info):
         self.reconcile(trials)
-        run_id = self._run_for(trial)
-        if trial.trial_id in self.ended:   # a resumed trial re-runs into its own run
-            self.ended.discard(trial.trial_id)
-            self.client.update_run(run_id, status="RUNNING")
-            for tag in ("ovss_pruned", "ovss_error", "ovss_error_file"):
-                if tag in self.client.get_run(run_id).data.tags:
-                    self.client.delete_tag(run_id, tag)
+        spec = self._spec(trial)
+        rerun = trial.trial_id in self.ended      # a resumed trial re-runs into its own run
+        self.ended.discard(trial.trial_id)
+
+        def call():
+            run_id = self._run_id(*spec)
+            if rerun:
+                self.client.update_run(run_id, status="RUNNING")
+                for tag in ("ovss_pruned", "ovss_error", "ovss_error_file"):
+                    if tag in self.client.get_run(run_id).data.tags:
+                        self.client.delete_tag(run_id, tag)
+
+        self._submit(call)
 
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_for(trial)
+        spec = self._spec(trial)
+        tags = {}
         if trial.trial_id not in self.last:   # first result of this driver: where it runs
-            for key in ("node_id", "node_ip", "device"):
-                if key in result:
-                    self.client.set_tag(run_id, f"ovss_{key}", str(result[key]))
+            tags = {f"ovss_{k}": str(result[k]) for k in ("node_id", "node_ip", "device")
+                    if k in result}
         self.last[trial.trial_id] = dict(result)
         step = int(result.get("images", result.get("training_iteration", 1)))
         metrics = {f"rung/{self.metric_name}": result.get("score"),
                    "rung/images": result.get("images")}
         if "fidelity_miou" in result:
             metrics["rung/fidelity_miou"] = result["fidelity_miou"]
-        log_metrics(self.client, run_id, metrics, step)
+        self._submit(lambda: log_metrics(self.client, self._run_id(*spec), metrics, step, tags))
 
-    def _log_final(self, trial, run_id: str, last: dict) -> None:
+    def _log_final(self, run_id: str, last: dict) -> None:
         rung, total = int(last.get("rung", 0)), last.get("rungs_total")
         if total is not None and rung + 1 < int(total):
             self.client.set_tag(run_id, "ovss_pruned", f"stopped by ASHA after rung {rung} "
@@ -303,12 +398,12 @@ class MlflowTrialCallback(tune.Callback):
 
     @_guarded
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        self._log_final(trial, run_id, self.last.get(trial.trial_id, {}))
+        spec = self._spec(trial)
+        last = dict(self.last.get(trial.trial_id, {}))
+        self._submit(lambda: self._log_final(self._run_id(*spec), last))
         self.ended.add(trial.trial_id)
 
-    def _log_error(self, trial, run_id: str) -> None:
-        err = getattr(trial, "error_file", None)
+    def _log_error(self, err: str | None, run_id: str) -> None:
         line = ""
         if err and Path(err).is_file():
             text = Path(err).read_text(errors="replace").strip()
@@ -324,12 +419,14 @@ class MlflowTrialCallback(tune.Callback):
 
     @_guarded
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        self._log_error(trial, run_id)
+        spec = self._spec(trial)
+        err = getattr(trial, "error_file", None)
+        self._submit(lambda: self._log_error(err, self._run_id(*spec)))
         self.ended.add(trial.trial_id)
 
     def close_open_runs(self, status: str = "KILLED") -> None:
         """End every child run still RUNNING (Ctrl-C, driver error)."""
+        self.flush()
         if self.offline:
             return
         for run_id in self.runs.values():

@@ -168,12 +168,23 @@ def _tune_interrupted(before) -> bool:
     return fired
 
 
+def _callbacks(plan, callback) -> list:
+    """The MLflow record, the progress line and Tune's JSON logger (``result.json`` and
+    ``params.json`` per trial, what ``search.sync`` reads). Tune's other default loggers (CSV and
+    TensorBoard: a writer thread and two more files per trial) are off: nothing reads them."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    from search.progress import ProgressLine
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return [callback, ProgressLine(plan.num_samples), JsonLoggerCallback()]
+
+
 def _new_tuner(plan, ctx, callback, trainable):
     import optuna
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from search.progress import ProgressLine
     from search.space import optuna_space, trial0
 
     r, args = plan.resolved, plan.args
@@ -194,7 +205,7 @@ def _new_tuner(plan, ctx, callback, trainable):
                                     num_samples=plan.num_samples, reuse_actors=True,
                                     max_concurrent_trials=args.max_concurrent or None),
         run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage),
-                                  callbacks=[callback, ProgressLine(plan.num_samples)], verbose=0,
+                                  callbacks=_callbacks(plan, callback), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
 
 
@@ -205,7 +216,6 @@ def tune_search(plan, ctx, callback):
     import ray
     from ray import tune
 
-    from search.progress import ProgressLine
 
     r, args = plan.resolved, plan.args
     if not r.space:
@@ -228,8 +238,7 @@ def tune_search(plan, ctx, callback):
         # The pickled run config holds the old callback object; log through this run's one.
         # Which trial owns which child run comes from MLflow (callback.reconcile), not from the
         # checkpoint, which can be ~10 s older than the record.
-        tuner._local_tuner.get_run_config().callbacks = [callback,
-                                                        ProgressLine(plan.num_samples)]
+        tuner._local_tuner.get_run_config().callbacks = _callbacks(plan, callback)
     else:
         # A fresh search, or a resumed one whose driver died before Tune saved any state (during
         # extraction, or in the first seconds of tuning): start tuning anew in the same parent
@@ -319,11 +328,12 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
         client.set_tag(parent_id, f"best.{k}", str(v))
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
+        overlays = _overlays(ctx, params, d, gpus=plan.args.gpus_per_trial)  # runs meanwhile
         (d / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         client.log_artifact(parent_id, str(d / "best_config.yaml"))
         for png in _plots(rows, r, d):
             client.log_artifact(parent_id, str(png), "plots")
-        for png in _overlays(ctx, params, d, gpus=plan.args.gpus_per_trial):
+        for png in overlays():
             client.log_artifact(parent_id, str(png), "overlays")
         if ctx.fidelity and plan.reward["name"] != "miou":
             _fidelity(client, parent_id, rows, d)
@@ -384,19 +394,28 @@ def _overlay_preds(ctx, params, n: int):
     return out
 
 
-def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0) -> list[Path]:
+def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0):
+    """Starts the overlay task and returns a function that waits for it and writes the PNGs
+    (image | overlay | label colours) into ``out``: the driver makes the plots meanwhile."""
     import ray
-    from PIL import Image
-
-    from methods.infer import colorize, overlay
 
     task = ray.remote(_overlay_preds).options(num_gpus=gpus, max_retries=0)
-    written = []
-    for image_id, img, pred in ray.get(task.remote(ctx, params, n)):
-        path = out / f"{image_id}_overlay.png"
-        Image.fromarray(np.concatenate([img, overlay(img, pred), colorize(pred)], 1)).save(path)
-        written.append(path)
-    return written
+    ref = task.remote(ctx, params, n)
+
+    def finish() -> list[Path]:
+        from PIL import Image
+
+        from methods.infer import colorize, overlay
+
+        written = []
+        for image_id, img, pred in ray.get(ref):
+            path = out / f"{image_id}_overlay.png"
+            Image.fromarray(np.concatenate([img, overlay(img, pred), colorize(pred)], 1)
+                            ).save(path)
+            written.append(path)
+        return written
+
+    return finish
 
 
 def _fidelity(client, parent_id: str, rows, out: Path) -> None:

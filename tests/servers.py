@@ -94,10 +94,12 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 
 def mlflow_server(tmp: Path, backend_uri: str, env: dict[str, str] | None = None,
-                  timeout: float = 120.0) -> tuple[str, subprocess.Popen]:
+                  timeout: float = 120.0, extra: list[str] | None = None
+                  ) -> tuple[str, subprocess.Popen]:
     """Start ``mlflow server`` on 127.0.0.1 and a free port, one worker, with ``backend_uri`` as
     its store and ``tmp/mlartifacts`` served as its artifact root; wait until /health answers.
 
+    ``extra``: more ``mlflow server`` arguments (e.g. ``["--app-name", "ovss"]``).
     Returns ``(url, proc)``: the tracking URI ``http://127.0.0.1:PORT`` and the process to hand to
     ``stop`` (which stops its process group). Its log is ``tmp/mlflow-server.log``.
     """
@@ -106,7 +108,8 @@ def mlflow_server(tmp: Path, backend_uri: str, env: dict[str, str] | None = None
     log = tmp / "mlflow-server.log"
     cmd = [mlflow_bin(), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", str(tmp / "mlartifacts"), "--serve-artifacts"]
+           "--artifacts-destination", str(tmp / "mlartifacts"), "--serve-artifacts",
+           *(extra or [])]
     proc = start(cmd, log, env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", proc, log, timeout)

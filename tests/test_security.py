@@ -265,7 +265,7 @@ def _run_mlflow_script(tmp_path, **env):
 def test_mlflow_server_binds_localhost_unless_told(tmp_path):
     args = _run_mlflow_script(tmp_path)
     assert args[:5] == ["server", "--host", "127.0.0.1", "--port", "5000"]
-    assert "--app-name" not in args
+    assert args[args.index("--app-name") + 1] == "ovss"   # the UI opens on the runs table
 
 
 def test_mlflow_server_auth_is_one_variable(tmp_path):
