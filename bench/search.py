@@ -15,10 +15,11 @@ measured searches run on cached evidence, with ``--rungs 1`` so every trial deco
   MLflow, tuning, plots, overlays). Printed with the per-trial overhead in ms and where it goes
   (the parent run's ``time/<phase>_s``).
 - ``scaling``: search wall with 1 trial at a time over the same search with 2 at a time
-  (``--max-concurrent``; the machine has 2 cores, each trial 1 CPU and 1 torch thread). TPE's
-  suggestions depend on the order results come back, so the two searches sample different
-  trials of the same space; clipseg's decode cost barely depends on the knobs (see the decode
-  ms printed for each).
+  (``--max-concurrent``; the machine has 2 cores, each trial 1 CPU and 1 torch thread), both
+  with ``--sampler random``: its i-th trial is the same at any concurrency, so the two searches
+  run the same trials (checked and printed; TPE's suggestions depend on the order results come
+  back, and clipseg's decode cost on the attention variant). The tuning phase's own ratio is
+  printed beside it.
 - the peak RSS of a trial worker (``worker/max_rss_mb``) against the evidence it reads.
 
 The last two lines are ``overhead=<fraction>`` and ``scaling=<2 over 1>``.
@@ -39,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _search(root: Path, data: Path, ckpt: Path, trials: int, concurrent: int, name: str,
-            images: int) -> tuple[float, str]:
+            images: int, sampler: str = "tpe") -> tuple[float, str]:
     from search.run import main as run_main
 
     argv = ["--method", "clipseg", "--backbone", "openai-vit-b16", "--dataset", "voc21",
             "--data-root", str(data), "--num-samples", str(trials), "--rungs", "1",
             "--max-images", str(images), "--max-concurrent", str(concurrent), "--name", name,
+            "--sampler", sampler,
             "--cache-dir", str(root / "cache"), "--storage", str(root / "ray_results"),
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
             "--set", f"backbone.path={ckpt}", "--set", "settings.templates=simple"]
@@ -59,7 +61,7 @@ def _search(root: Path, data: Path, ckpt: Path, trials: int, concurrent: int, na
     return wall, name
 
 
-def _record(root: Path, name: str) -> tuple[dict, list[dict]]:
+def _record(root: Path, name: str) -> tuple[dict, list[dict], list[tuple]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -68,7 +70,8 @@ def _record(root: Path, name: str) -> tuple[dict, list[dict]]:
                                 "tags.ovss_role = 'search'")[0]
     children = client.search_runs(exps, f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                   max_results=10000)
-    return parent.data.metrics, [c.data.metrics for c in children]
+    configs = sorted(tuple(sorted(c.data.params.items())) for c in children)
+    return parent.data.metrics, [c.data.metrics for c in children], configs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,15 +105,19 @@ def main(argv: list[str] | None = None) -> int:
               f"-> 448, {args.trials} trials, --rungs 1, evidence cached first ({warm:.0f} s, "
               "not counted); local Ray, MLflow sqlite")
         walls, rows = {}, {}
-        for conc in (1, 2):
-            walls[conc], name = _search(root, data, ckpt, args.trials, conc, f"c{conc}",
-                                        args.images)
-            rows[conc] = _record(root, name)
-        parent, children = rows[1]
+        # TPE (the default) one at a time for the overhead; the random sampler for the scaling
+        # pair, whose i-th trial is the same at any concurrency (TPE's depend on the order
+        # results come back, and clipseg's decode cost on the attention variant).
+        for key, sampler, conc in (("tpe1", "tpe", 1), ("rnd1", "random", 1),
+                                   ("rnd2", "random", 2)):
+            walls[key], name = _search(root, data, ckpt, args.trials, conc, key, args.images,
+                                       sampler)
+            rows[key] = _record(root, name)
+        parent, children, _ = rows["tpe1"]
         dec = sum(c.get("time/decode_s", 0.0) for c in children)
         score = sum(c.get("time/score_s", 0.0) for c in children)
         ev = sum(c.get("time/evidence_s", 0.0) for c in children)
-        wall = walls[1]
+        wall = walls["tpe1"]
         over = (wall - dec - score) / wall
         n = len(children)
         per = 1000 * (wall - dec - score) / max(n, 1)
@@ -124,15 +131,22 @@ def main(argv: list[str] | None = None) -> int:
         print("  where the rest goes: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
               + f"; inside tuning, per trial beyond decode/score/evidence: {inside:.0f} ms")
         print(f"  framework overhead {per:.0f} ms per trial")
-        dec2 = sum(c.get("time/decode_s", 0.0) for c in rows[2][1])
-        print(f"2 at a time: wall {walls[2]:.1f} s, {len(rows[2][1])} trials, decode "
-              f"{1000 * dec2 / (len(rows[2][1]) * args.images):.0f} ms per image")
-        rss = max(c.get("worker/max_rss_mb", 0.0) for c in children + rows[2][1])
+        same = rows["rnd1"][2] == rows["rnd2"][2]
+        tune1, tune2 = (rows[k][0].get("time/tune_s", float("nan")) for k in ("rnd1", "rnd2"))
+        for key in ("rnd1", "rnd2"):
+            kids = rows[key][1]
+            d = sum(c.get("time/decode_s", 0.0) for c in kids)
+            print(f"random sampler, {key[-1]} at a time: wall {walls[key]:.1f} s, tuning "
+                  f"{rows[key][0].get('time/tune_s', float('nan')):.1f} s, {len(kids)} trials, "
+                  f"decode {1000 * d / (len(kids) * args.images):.0f} ms per image")
+        print(f"  the two ran the same {len(rows['rnd1'][2])} trial configs: {same}; tuning "
+              f"phase alone {tune1 / tune2:.2f}x")
+        rss = max(c.get("worker/max_rss_mb", 0.0) for key in rows for c in rows[key][1])
         ev_mb = sum(f.stat().st_size for f in (root / "cache").rglob("*.safetensors")) / 2**20
         print(f"trial worker peak RSS {rss:.0f} MiB; evidence on disk {ev_mb:.0f} MiB "
               f"(working set); excess {rss - ev_mb:.0f} MiB")
         print(f"overhead={over:.3f}")
-        print(f"scaling={walls[1] / walls[2]:.2f}")
+        print(f"scaling={walls['rnd1'] / walls['rnd2']:.2f}")
     return 0
 
 

@@ -278,6 +278,7 @@ def _log_plan(client, parent_id: str, plan, ctx) -> None:
     params = {"method": r.method, "backbone": r.backbone_name, "dataset": plan.dataset_name,
               "reward": plan.reward["name"], "num_samples": plan.num_samples,
               "images": len(plan.items), "rungs": plan.rungs, "seed": plan.args.seed,
+              "sampler": getattr(plan.args, "sampler", "tpe"),
               "gpus_per_trial": plan.args.gpus_per_trial,
               "gpus_per_extract": plan.args.gpus_per_extract,
               **{f"settings.{k}": v for k, v in r.settings.items()},

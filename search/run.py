@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rungs", type=int, default=3,
                    help="ASHA rungs: trials are scored on growing image subsets (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler (default 0)")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
+                   help="Optuna sampler: tpe (default; TPE with constant liar) "
+                   "or random (a baseline; the same seed gives the same trials whatever the "
+                   "concurrency)")
     p.add_argument("--address", help="Ray cluster address to join (default: start Ray locally)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "sqlite:///./mlflow.db)")

@@ -180,19 +180,27 @@ def _callbacks(plan, callback) -> list:
     return [callback, ProgressLine(plan.num_samples), JsonLoggerCallback()]
 
 
-def _new_tuner(plan, ctx, callback, trainable):
+def make_sampler(name: str, seed: int, num_samples: int):
+    """The Optuna sampler of ``--sampler``. ``tpe``: start-up of a quarter of the trials (2..10),
+    ``constant_liar`` so that trials running at once see each other as bad results and parallel
+    suggestions spread out instead of piling onto one point. ``random``: the i-th suggestion
+    depends on the seed and i only, so a search gives the same trials at any concurrency."""
     import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    startup = max(2, min(10, num_samples // 4))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+
+
+def _new_tuner(plan, ctx, callback, trainable):
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
     from search.space import optuna_space, trial0
 
     r, args = plan.resolved, plan.args
-    startup = max(2, min(10, plan.num_samples // 4))
-    # constant_liar: trials running at once see each other as bad results, so parallel TPE
-    # suggestions spread out instead of piling onto one point.
-    sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=startup,
-                                         constant_liar=True)
+    sampler = make_sampler(getattr(args, "sampler", "tpe"), args.seed, plan.num_samples)
     searcher = PrunedAwareOptunaSearch(space=optuna_space(r.space), sampler=sampler,
                                        metric="score", mode="max",
                                        points_to_evaluate=[trial0(r.defaults, r.space)],

@@ -117,3 +117,27 @@ def test_a_nan_score_fails_the_trial(voc_root, tmp_path, monkeypatch):
     monkeypatch.setattr(trial, "make_scorer", lambda ctx, name=None: NanScore)
     with pytest.raises(trial.TrialScoreError, match="nan after 1 images"):
         trial.evaluate(ctx, {}, reports.append)
+
+
+def test_the_random_sampler_gives_the_same_trials_at_any_concurrency():
+    from search.tune import make_sampler
+
+    def run(concurrent: int) -> list[tuple]:
+        s = PrunedAwareOptunaSearch(space=SPACE, sampler=make_sampler("random", 3, 8),
+                                    metric="score", mode="max", full_images=8)
+        out, running = [], []
+        for i in range(8):
+            cfg = s.suggest(f"t{i}")
+            out.append((round(cfg["x"], 9), cfg["k"]))
+            running.append(f"t{i}")
+            if len(running) == concurrent:      # the last started finishes first
+                for tid in reversed(running):
+                    s.on_trial_complete(tid, {"score": float(len(out)), "images": 8})
+                running = []
+        return out
+
+    assert run(1) == run(2) == run(4)
+    assert len(set(run(1))) == 8
+    # TPE's suggestions after its start-up depend on the results it has seen.
+    tpe = make_sampler("tpe", 3, 8)
+    assert isinstance(tpe, optuna.samplers.TPESampler) and tpe._constant_liar
