@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
-from methods.clipseg.backbone import TEMPLATES, load_clip, name_embeddings
+from methods.clipseg.backbone import TEMPLATES, load_clip, name_embeddings, tiny_model_name
 from methods.clipseg.family import attend, fixed_outputs, naclip_probs, self_attention
 from methods.clipseg.formulas import (
     coherence_residual_attention,
@@ -167,11 +167,11 @@ class ClipSegSegmenter(Segmenter):
                           state: Evidence, device: str = "cpu") -> ClipSegSegmenter:
         """A segmenter that decodes from ``state`` (:meth:`decode_state` of a segmenter of the
         same backbone and settings) without building the model; extract and text embeddings
-        build it (:func:`load_clip`) on first use. OvssError if ``state`` is malformed."""
+        build it (:func:`load_clip`) on first use. OvssError if ``state`` is malformed or names
+        another model than ``backbone``."""
         spec, seed = dict(backbone), int(settings.get("seed", 0))
-        name = state.meta.get("model_name")
-        if not isinstance(name, str):
-            raise OvssError("clipseg: the decode head names no model")
+        name = (tiny_model_name(dict(spec["tiny"] or {})) if spec.get("tiny") is not None
+                else str(spec.get("model")))
         return cls(Deferred(lambda: load_clip(spec, seed, device)), name, backbone, settings,
                    device, head=state)
 
