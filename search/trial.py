@@ -130,7 +130,10 @@ def build_segmenter(ctx: SearchContext) -> Segmenter:
         except OvssError:
             pass            # the full build below names what is wrong, or decodes right
     seg = cls.from_spec(ctx.backbone, ctx.settings, ctx.device)
-    cache.put(ctx.method, key, seg.decode_state())
+    try:
+        cache.put(ctx.method, key, seg.decode_state())
+    except OvssError:
+        pass                # a read-only cache: each worker builds the model, as before
     return seg
 
 

@@ -284,3 +284,22 @@ def test_pnp_from_spec_checks_without_building_the_vlm(monkeypatch):
         pnp_segmenter.PnPSegmenter.from_spec({**tiny, "tiny": {"widht": 8}}, {})
     assert built == []
     assert seg.grid == 4 and built == [1] and seg.vlm_built      # built on first use
+
+
+def test_a_read_only_cache_still_gives_a_full_segmenter(clipseg_full, monkeypatch, tmp_path):
+    """The head is an optimisation: a cache that refuses the write (put's OvssError on a
+    permission error) leaves the worker with the full build, decoding the same labels."""
+    _, ctx, _, (_, logits) = clipseg_full
+    ctx = trial.SearchContext(**{**vars(ctx), "cache_dir": str(tmp_path / "cache")})
+
+    def refuse(self, method, key, evidence):
+        raise OvssError(f"cannot write to the evidence cache {self.root}: permission denied")
+
+    monkeypatch.setattr(trial, "_MEMO", {})
+    with monkeypatch.context() as m:
+        m.setattr(EvidenceCache, "put", refuse)
+        seg = trial.get_segmenter(ctx)
+    assert seg.model_built and not head_path(ctx).exists()
+    for item in ctx.items:
+        trial.extract_item(ctx, item)
+    assert same_logits(clipseg_logits(ctx, seg, CLIPSEG_PARAMS), logits)
