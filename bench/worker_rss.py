@@ -49,6 +49,7 @@ def extract(root: Path, images: int) -> dict:
     import torch
 
     import search.trial as trial
+    from methods.io import atomic_write
     from search.data.synthetic import make_dataset
     from search.orchestrate import search_context
     from search.run import build_parser, plan_search
@@ -59,7 +60,7 @@ def extract(root: Path, images: int) -> dict:
     if not ckpt.is_file():
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
-        torch.save(model.state_dict(), ckpt)
+        atomic_write(ckpt, lambda f: torch.save(model.state_dict(), f))
         del model
     os.chdir(root)
     plan = plan_search(build_parser().parse_args(
@@ -72,7 +73,7 @@ def extract(root: Path, images: int) -> dict:
     for item in ctx.items:
         trial.extract_item(ctx, item)
     trial.get_segmenter(ctx)                         # (writes the head if all was cached)
-    (root / "ctx.pkl").write_bytes(pickle.dumps(ctx))
+    atomic_write(root / "ctx.pkl", pickle.dumps(ctx))
     cache = trial.get_cache(ctx)
     return {"extract_s": time.perf_counter() - t0,
             "evidence_mb": sum(cache.path(ctx.method, ctx.base_key(i)).stat().st_size
