@@ -104,8 +104,37 @@ def _memo(kind: str, spec: Any, build: Callable[[], Any]) -> Any:
 
 def get_segmenter(ctx: SearchContext) -> Segmenter:
     return _memo("seg", [ctx.method, ctx.backbone, ctx.settings, ctx.device],
-                 lambda: get_segmenter_class(ctx.method).from_spec(ctx.backbone, ctx.settings,
-                                                                    ctx.device))
+                 lambda: build_segmenter(ctx))
+
+
+def decode_state_key(ctx: SearchContext) -> str:
+    """Cache key of the decode head of ``ctx``'s segmenter (its weights are in settings_key)."""
+    return evidence_key("decode-head", ctx.method, ctx.settings_key,
+                        {"backbone": ctx.backbone, "settings": ctx.settings})
+
+
+def build_segmenter(ctx: SearchContext) -> Segmenter:
+    """``from_spec``; for a method with a decode head (``decode_state`` / ``from_decode_state``,
+    e.g. clipseg) the head cached by an earlier build instead, so that a trial worker decoding
+    cached evidence never builds the model. A missing, damaged or malformed head: the full
+    build, which caches its head."""
+    cls = get_segmenter_class(ctx.method)
+    from_state = getattr(cls, "from_decode_state", None)
+    if from_state is None:
+        return cls.from_spec(ctx.backbone, ctx.settings, ctx.device)
+    cache, key = get_cache(ctx), decode_state_key(ctx)
+    state = cache.get(ctx.method, key)
+    if state is not None:
+        try:
+            return from_state(ctx.backbone, ctx.settings, state, ctx.device)
+        except OvssError:
+            pass            # the full build below names what is wrong, or decodes right
+    seg = cls.from_spec(ctx.backbone, ctx.settings, ctx.device)
+    try:
+        cache.put(ctx.method, key, seg.decode_state())
+    except OvssError:
+        pass                # a read-only cache: each worker builds the model, as before
+    return seg
 
 
 def get_dataset(ctx: SearchContext, labels: str | None = None):

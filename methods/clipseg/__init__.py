@@ -13,9 +13,9 @@ computes it, and ``settings.protocol`` their dense-inference protocols (``protoc
 
 Modules: ``backbone`` (open_clip loading, tiny configs, text embeddings), ``formulas`` (one
 function per equation), ``windows`` (sliding-window geometry), ``vit`` (the single ViT pass of
-extract), ``segmenter`` (extract / decode), ``reference`` (the straight full forward used as
-ground truth and as the naive baseline). Choices where the paper is silent are listed in
-docs/clipseg.md and in the module docstrings:
+extract), ``head`` (the few model tensors decode reads), ``segmenter`` (extract / decode),
+``reference`` (the straight full forward used as ground truth and as the naive baseline).
+Choices where the paper is silent are listed in docs/clipseg.md and in the module docstrings:
 
 - ``layer`` is the 1-based block index M (the paper's numbering: "layers 8-9 for CLIP-L",
   Fig. 3 compares layer 9 with the final layer 24); ``kk_last`` uses block L.

@@ -16,12 +16,12 @@ N names; ``evidence_dtype`` float16 by default, measured against float32 in the 
 
 sclip and maskclip keep the final block's residual and FFN; they have no knob, so their
 dense features are finished at extract and only their cosines are kept (x_{L-1} is not stored).
-Decode runs no transformer block: it reads ln_post, proj and out_proj from the segmenter.
+Decode runs no transformer block: it reads ln_post, proj and out_proj from the decode head
+(head.py), which is all a trial worker decoding cached evidence builds (``from_decode_state``).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,13 +32,20 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
-from methods.clipseg.backbone import TEMPLATES, load_clip, name_embeddings
+from methods.clipseg.backbone import TEMPLATES, load_clip, name_embeddings, tiny_model_name
 from methods.clipseg.family import attend, fixed_outputs, naclip_probs, self_attention
 from methods.clipseg.formulas import (
     coherence_residual_attention,
     dense_output,
     key_gram,
     relation_attention,
+)
+from methods.clipseg.head import (
+    HEAD_VERSION,
+    decode_head,
+    frozen_layer_norm,
+    frozen_linear,
+    same_head,
 )
 from methods.clipseg.protocols import PROFILE_KEYS, apply_protocol, class_prompts
 from methods.clipseg.vit import window_pass
@@ -50,6 +57,7 @@ from methods.clipseg.windows import (
     window_batch,
     window_grid,
 )
+from methods.deferred import Deferred
 
 #: CRA paper Table 4 rows, then the family's final blocks (family.py).
 VARIANTS = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip")
@@ -99,8 +107,9 @@ class ClipSegSegmenter(Segmenter):
 
     method = "clipseg"
 
-    def __init__(self, model: torch.nn.Module, model_name: str, backbone: Mapping[str, Any],
-                 settings: Mapping[str, Any], device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module | Deferred, model_name: str,
+                 backbone: Mapping[str, Any], settings: Mapping[str, Any], device: str = "cpu",
+                 head: Evidence | None = None):
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise OvssError(f"clipseg: unknown setting(s) {sorted(unknown)}; "
@@ -110,34 +119,90 @@ class ClipSegSegmenter(Segmenter):
             raise OvssError(f"clipseg: evidence_dtype must be one of {sorted(DTYPES)}")
         if self.settings["templates"] not in TEMPLATES:
             raise OvssError(f"clipseg: templates must be one of {sorted(TEMPLATES)}")
-        self.model, self.model_name, self.device = model, model_name, device
+        self.model_name, self.device = model_name, device
         self.backbone = {k: backbone[k] for k in ("name", "model", "pretrained", "path", "tiny")
                          if k in backbone}
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        visual = model.visual
-        self.visual = visual
-        self.num_layers = len(visual.transformer.resblocks)
+        # model: the open_clip model, or (from_decode_state) a Deferred builder called on first
+        # use: extract and text embeddings. Decode reads only the decode head.
+        self._model, self._tokenizer = model, None
+        if head is None:
+            if isinstance(model, Deferred):
+                raise ValueError("clipseg: a deferred model needs its decode head")
+            head = decode_head(model, model_name)
+        self._adopt_head(head)
+        self._text: dict[tuple, torch.Tensor] = {}
+
+    def _adopt_head(self, head: Evidence) -> None:
+        """The parameters decode needs, from a decode head (:func:`decode_head`)."""
+        t, m = head.tensors, head.meta
+        try:
+            if int(m["head_version"]) != HEAD_VERSION or m["model_name"] != self.model_name:
+                raise ValueError("head_version / model_name")
+            self.num_layers, self.patch = int(m["num_layers"]), int(m["patch"])
+            self.heads, eps = int(m["heads"]), float(m["ln_eps"])
+            weight, bias = t["out_proj.weight"].float(), t.get("out_proj.bias")
+            self.out_proj = frozen_linear(weight, None if bias is None else bias.float())
+            self.out_bias = self.out_proj.bias.detach() if bias is not None else None
+            self.ln_post = frozen_layer_norm(t["ln_post.weight"].float(),
+                                              t["ln_post.bias"].float(), eps)
+            self.proj = t["proj"].float()
+            self.mean = t["image_mean"].float().view(3, 1, 1)
+            self.std = t["image_std"].float().view(3, 1, 1)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise OvssError(f"clipseg: the decode head of {self.model_name} is malformed "
+                            f"({type(e).__name__}: {e})") from None
         if self.num_layers < DSI_TERMS:
             raise OvssError(f"clipseg: the ViT needs at least {DSI_TERMS} blocks for DSI, "
-                            f"{model_name} has {self.num_layers}")
-        self.patch = int(visual.patch_size[0])
-        final = visual.transformer.resblocks[-1].attn
-        # Parameters decode needs (held here, not in the per-image evidence).
-        self.heads = int(final.num_heads)
-        self.out_proj = copy.deepcopy(final.out_proj).float().cpu()
-        self.out_bias = (final.out_proj.bias.detach().float().cpu()
-                         if final.out_proj.bias is not None else None)
-        self.ln_post = copy.deepcopy(visual.ln_post).float().cpu()
-        self.proj = visual.proj.detach().float().cpu()
-        self.mean = torch.tensor(visual.image_mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(visual.image_std, dtype=torch.float32).view(3, 1, 1)
-        self._text: dict[tuple, torch.Tensor] = {}
+                            f"{self.model_name} has {self.num_layers}")
+        self._head = head
 
     @classmethod
     def from_spec(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
                   device: str = "cpu") -> ClipSegSegmenter:
         model, name = load_clip(backbone, int(settings.get("seed", 0)), device)
         return cls(model, name, backbone, settings, device)
+
+    @classmethod
+    def from_decode_state(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
+                          state: Evidence, device: str = "cpu") -> ClipSegSegmenter:
+        """A segmenter that decodes from ``state`` (:meth:`decode_state` of a segmenter of the
+        same backbone and settings) without building the model; extract and text embeddings
+        build it (:func:`load_clip`) on first use. OvssError if ``state`` is malformed or names
+        another model than ``backbone``."""
+        spec, seed = dict(backbone), int(settings.get("seed", 0))
+        name = (tiny_model_name(dict(spec["tiny"] or {})) if spec.get("tiny") is not None
+                else str(spec.get("model")))
+        return cls(Deferred(lambda: load_clip(spec, seed, device)), name, backbone, settings,
+                   device, head=state)
+
+    def decode_state(self) -> Evidence:
+        """The decode head: everything decode reads from the model (see :func:`decode_head`)."""
+        return self._head
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The open_clip model, built on first use; it must match the decode head."""
+        if isinstance(self._model, Deferred):
+            model, name = self._model.build()
+            if not same_head(decode_head(model, name), self._head):
+                raise OvssError(f"clipseg: the cached decode head does not match the weights "
+                                f"of {name} (clear the evidence cache)")
+            self._model = model
+        return self._model
+
+    @property
+    def model_built(self) -> bool:
+        return not isinstance(self._model, Deferred)
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        return self._tokenizer
 
     def settings_key(self) -> dict[str, Any]:
         key = {k: self.settings[k] for k in EXTRACT_SETTINGS}

@@ -220,25 +220,51 @@ def wrap(model: torch.nn.Module, tokenizer: Any, arch: str,
                                int(heads), enc)
 
 
-def load_vlm(backbone: Mapping[str, Any], seed: int, device: str = "cpu") -> VisionLanguageModel:
-    """The ITM model of a backbone entry (see the module docstring)."""
+def check_vlm_spec(backbone: Mapping[str, Any]) -> int | None:
+    """The checks of a backbone entry that need no weights (arch, tiny fields, the local
+    directory, the hub id), as the same one-line errors :func:`load_vlm` gives; returns the
+    ViT patch size when the entry fixes it without a model (``tiny``), else None."""
     label = backbone.get("name", "?")
     arch = backbone.get("arch")
     if arch not in ARCHS:
         raise OvssError(f"pnp backbone {label!r}: arch must be one of {ARCHS}, got {arch!r}")
     if backbone.get("tiny") is not None:
-        tiny = dict(backbone["tiny"] or {})
-        unknown = set(tiny) - set(TINY_DEFAULTS)
-        if unknown:
-            raise OvssError(f"pnp tiny backbone: unknown field(s) {sorted(unknown)}; "
-                            f"known: {sorted(TINY_DEFAULTS)}")
-        c = {**TINY_DEFAULTS, **{k: int(v) for k, v in tiny.items()}}
-        if c["width"] % c["heads"] or c["image_size"] % c["patch_size"]:
-            raise OvssError(f"pnp tiny backbone: width must divide by heads and image_size by "
-                            f"patch_size, got {c}")
+        return int(_tiny_fields(backbone["tiny"])["patch_size"])
+    path = backbone.get("path")
+    if path:
+        p = Path(str(path)).expanduser()
+        if not p.is_dir():
+            raise OvssError(f"pnp backbone {label!r}: model directory {p} not found")
+        return None
+    source = backbone.get("model")
+    if not source or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        raise OvssError(f"pnp backbone {label!r}: give `model` (a hub id such as "
+                        f"Salesforce/blip-itm-large-flickr) or `path` (a local directory)")
+    return None
+
+
+def _tiny_fields(tiny: Mapping[str, Any] | None) -> dict[str, int]:
+    tiny = dict(tiny or {})
+    unknown = set(tiny) - set(TINY_DEFAULTS)
+    if unknown:
+        raise OvssError(f"pnp tiny backbone: unknown field(s) {sorted(unknown)}; "
+                        f"known: {sorted(TINY_DEFAULTS)}")
+    c = {**TINY_DEFAULTS, **{k: int(v) for k, v in tiny.items()}}
+    if c["width"] % c["heads"] or c["image_size"] % c["patch_size"]:
+        raise OvssError(f"pnp tiny backbone: width must divide by heads and image_size by "
+                        f"patch_size, got {c}")
+    return c
+
+
+def load_vlm(backbone: Mapping[str, Any], seed: int, device: str = "cpu") -> VisionLanguageModel:
+    """The ITM model of a backbone entry (see the module docstring)."""
+    check_vlm_spec(backbone)
+    arch = backbone["arch"]
+    if backbone.get("tiny") is not None:
+        c = _tiny_fields(backbone["tiny"])
         tok = tiny_tokenizer(arch)
         return random_model(arch, _tiny_config(arch, c, len(tok), tok), tok, seed, device)
-    return _load_pretrained(arch, backbone, label, device)
+    return _load_pretrained(arch, backbone, backbone.get("name", "?"), device)
 
 
 def _load_pretrained(arch: str, backbone: Mapping[str, Any], label: str,
@@ -250,17 +276,8 @@ def _load_pretrained(arch: str, backbone: Mapping[str, Any], label: str,
         BridgeTowerForImageAndTextRetrieval,
     )
 
-    path = backbone.get("path")
-    if path:
-        p = Path(str(path)).expanduser()
-        if not p.is_dir():
-            raise OvssError(f"pnp backbone {label!r}: model directory {p} not found")
-        source = str(p)
-    else:
-        source = backbone.get("model")
-        if not source or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-            raise OvssError(f"pnp backbone {label!r}: give `model` (a hub id such as "
-                            f"Salesforce/blip-itm-large-flickr) or `path` (a local directory)")
+    path = backbone.get("path")     # checked by check_vlm_spec
+    source = str(Path(str(path)).expanduser()) if path else str(backbone["model"])
     cls = BlipForImageTextRetrieval if arch == "blip" else BridgeTowerForImageAndTextRetrieval
     from methods.io import pretrained_kwargs, weights_error
 

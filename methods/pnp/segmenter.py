@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
-from methods.pnp.backbone import VisionLanguageModel, load_vlm
+from methods.deferred import Deferred
+from methods.pnp.backbone import VisionLanguageModel, check_vlm_spec, load_vlm
 from methods.pnp.formulas import (
     DROP_RULES,
     aggregated_salience,
@@ -96,7 +97,7 @@ class PnPSegmenter(Segmenter):
     method = "pnp"
     extraction_knobs = ("layer", "head", "drop_iters")
 
-    def __init__(self, vlm: VisionLanguageModel, backbone: Mapping[str, Any],
+    def __init__(self, vlm: VisionLanguageModel | Deferred, backbone: Mapping[str, Any],
                  settings: Mapping[str, Any], device: str = "cpu"):
         unknown = set(settings) - set(SETTINGS)
         if unknown:
@@ -118,24 +119,66 @@ class PnPSegmenter(Segmenter):
                 for k, v in names.items()):
             raise OvssError(f"pnp: settings.prompt_names must map class names to non-empty "
                             f"prompt names, got {names!r}")
-        if int(s["image_size"]) % vlm.patch:
-            raise OvssError(f"pnp: settings.image_size {s['image_size']} is not a multiple of "
-                            f"the patch size {vlm.patch}")
-        self.settings, self.vlm, self.device = s, vlm, device
+        self.settings, self.device = s, device
         self.backbone = {k: backbone[k] for k in ("name", "arch", "model", "path", "tiny")
                          if k in backbone}
-        self.grid = int(s["image_size"]) // vlm.patch
-        self.mean = torch.tensor(vlm.mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(vlm.std, dtype=torch.float32).view(3, 1, 1)
         self._presence: PresenceFilter | None = None
+        # vlm: the model, or a Deferred builder (from_spec) called on first use (extract and
+        # extend only): a trial worker decoding cached evidence never builds it. Decode reads
+        # evidence and settings only (layers, heads, grid come in the evidence's meta).
+        self._vlm = vlm
+        if not isinstance(vlm, Deferred):
+            self._adopt(vlm)
+
+    def _adopt(self, vlm: VisionLanguageModel) -> None:
+        """The checks that need the model; warns once when BLIP has no [ENC]."""
+        self.check_patch(vlm.patch)
+        s = self.settings
         if s["enc_token"] and vlm.arch == "blip" and vlm.enc_token_id is None:
-            warn_no_enc_token(str(backbone.get("name", "?")))
+            warn_no_enc_token(str(self.backbone.get("name", "?")))
+
+    def check_patch(self, patch: int) -> None:
+        if int(self.settings["image_size"]) % patch:
+            raise OvssError(f"pnp: settings.image_size {self.settings['image_size']} is not a "
+                            f"multiple of the patch size {patch}")
 
     @classmethod
     def from_spec(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
                   device: str = "cpu") -> PnPSegmenter:
-        return cls(load_vlm(backbone, int(settings.get("seed", 0)), device), backbone,
-                   settings, device)
+        """Checks the backbone entry and the settings; the model is built on first use."""
+        patch = check_vlm_spec(backbone)               # cheap checks first: arch, paths, tiny
+        seed = int(settings.get("seed", 0))
+        spec = dict(backbone)
+        seg = cls(Deferred(lambda: load_vlm(spec, seed, device)), backbone, settings, device)
+        if patch is not None:
+            seg.check_patch(patch)
+        return seg
+
+    @property
+    def vlm(self) -> VisionLanguageModel:
+        """The ITM model, built (and checked) on first use."""
+        if isinstance(self._vlm, Deferred):
+            vlm = self._vlm.build()
+            self._adopt(vlm)
+            self._vlm = vlm
+        return self._vlm
+
+    @property
+    def vlm_built(self) -> bool:
+        return not isinstance(self._vlm, Deferred)
+
+    @property
+    def grid(self) -> int:
+        """P: patches per side of the model input."""
+        return int(self.settings["image_size"]) // self.vlm.patch
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor(self.vlm.mean, dtype=torch.float32).view(3, 1, 1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.tensor(self.vlm.std, dtype=torch.float32).view(3, 1, 1)
 
     def settings_key(self) -> dict[str, Any]:
         key = {k: self.settings[k] for k in EXTRACT_SETTINGS}
