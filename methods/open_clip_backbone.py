@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 
 from methods.base import OvssError
@@ -35,8 +34,9 @@ TINY_EXTRAS = ("quick_gelu", "vision", "text")
 _TINY_DIR: Path | None = None
 
 
-def tiny_model_name(tiny: Mapping[str, Any]) -> str:
-    """Register a tiny CLIP config with open_clip and return its model name.
+def tiny_model_name(tiny: Mapping[str, Any], register: bool = True) -> str:
+    """Register a tiny CLIP config with open_clip and return its model name (``register=False``:
+    the name only, without importing open_clip).
 
     ``tiny`` overrides :data:`TINY_DEFAULTS`. The JSON has the same schema as open_clip's own
     ``model_configs/*.json`` (vision ``head_width`` = width / heads).
@@ -56,6 +56,10 @@ def tiny_model_name(tiny: Mapping[str, Any]) -> str:
         import hashlib
 
         name += "-" + hashlib.sha1(json.dumps(extras, sort_keys=True).encode()).hexdigest()[:8]
+    if not register:
+        return name
+    import open_clip  # here, not at import: a decode-only worker never needs it (~1.5 s, 240 MB)
+
     if name not in open_clip.list_models():
         cfg = {
             "embed_dim": c["embed_dim"],
@@ -82,6 +86,8 @@ def load_clip(backbone: Mapping[str, Any], seed: int, device: str,
 
     Raises OvssError naming the model / tag / path when it cannot be built or loaded.
     """
+    import open_clip
+
     label = backbone.get("name", "?")
     if backbone.get("tiny") is not None:
         name = tiny_model_name(dict(backbone["tiny"] or {}))

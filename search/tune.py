@@ -388,11 +388,13 @@ def _plots(rows, r, out: Path) -> list[Path]:
     return written
 
 
-def _overlay_preds(ctx, params, n: int):
-    """Runs as a Ray task (the driver never loads a model): best-config label maps + images."""
+def _overlay_preds(ctx, params, n: int, seg=None):
+    """Best-config label maps + images of the first ``n`` tuning images: in a Ray task (the
+    driver never loads a model), or in the driver with ``seg``, a segmenter that decodes
+    without its model (:func:`_driver_segmenter`)."""
     from search.trial import evidence_for, get_dataset, get_segmenter
 
-    seg = get_segmenter(ctx)
+    seg = seg if seg is not None else get_segmenter(ctx)
     data = get_dataset(ctx, labels="image" if ctx.reward["name"] == "clip" and not ctx.fidelity
                        else "dense")
     out = []
@@ -402,13 +404,39 @@ def _overlay_preds(ctx, params, n: int):
     return out
 
 
+def _driver_segmenter(ctx, n: int):
+    """A segmenter the driver can decode the first ``n`` tuning images with, without building
+    a model: the method's cached decode head (clipseg's ``from_decode_state``), the images'
+    evidence cached and no knob-dependent extension. None otherwise (a Ray task decodes)."""
+    from methods import get_segmenter_class
+    from search.trial import decode_state_key, get_cache
+
+    cls = get_segmenter_class(ctx.method)
+    if getattr(cls, "from_decode_state", None) is None or ctx.extraction_knobs:
+        return None
+    cache = get_cache(ctx)
+    if not all(cache.has(ctx.method, ctx.base_key(item)) for item in ctx.items[:n]):
+        return None
+    state = cache.get(ctx.method, decode_state_key(ctx))
+    if state is None:
+        return None
+    try:
+        return cls.from_decode_state(ctx.backbone, ctx.settings, state, "cpu")
+    except OvssError:
+        return None
+
+
 def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0):
-    """Starts the overlay task and returns a function that waits for it and writes the PNGs
-    (image | overlay | label colours) into ``out``: the driver makes the plots meanwhile."""
+    """Starts the overlays and returns a function that waits for them and writes the PNGs
+    (image | overlay | label colours) into ``out``. Decoded in the driver when that needs no
+    model (:func:`_driver_segmenter`: no worker to start, no model to load), else in a Ray
+    task that runs while the driver makes the plots."""
     import ray
 
-    task = ray.remote(_overlay_preds).options(num_gpus=gpus, max_retries=0)
-    ref = task.remote(ctx, params, n)
+    seg = _driver_segmenter(ctx, n)
+    if seg is None:
+        task = ray.remote(_overlay_preds).options(num_gpus=gpus, max_retries=0)
+        ref = task.remote(ctx, params, n)
 
     def finish() -> list[Path]:
         from PIL import Image
@@ -416,7 +444,8 @@ def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0):
         from methods.infer import colorize, overlay
 
         written = []
-        for image_id, img, pred in ray.get(ref):
+        preds = _overlay_preds(ctx, params, n, seg) if seg is not None else ray.get(ref)
+        for image_id, img, pred in preds:
             path = out / f"{image_id}_overlay.png"
             Image.fromarray(np.concatenate([img, overlay(img, pred), colorize(pred)], 1)
                             ).save(path)

@@ -144,6 +144,28 @@ def test_a_clipseg_trial_worker_decodes_from_the_head_without_the_model(clipseg_
     assert built == [] and not seg.model_built
 
 
+def test_a_fresh_clipseg_trial_worker_never_imports_open_clip(clipseg_full, tmp_path):
+    """A new process (as a Ray trial worker is) decoding cached evidence: open_clip and
+    torchvision (~1.5 s and ~240 MB of a worker's import) stay out of it."""
+    import pickle
+    import subprocess
+    import sys
+
+    _, ctx, _, _ = clipseg_full
+    (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(ctx))
+    code = ("import pickle, sys; from search.trial import evaluate; "
+            f"ctx = pickle.load(open({str(tmp_path / 'ctx.pkl')!r}, 'rb')); out = []; "
+            "evaluate(ctx, {'attention': 'naclip'}, out.append); "
+            "print(out[-1]['images'], 'open_clip' in sys.modules, "
+            "'torchvision' in sys.modules)")
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [str(len(ctx.items)), "False", "False"]
+
+
 def test_clipseg_decode_reads_every_tensor_of_the_head(clipseg_full):
     """A head with one tensor changed decodes differently: the equality above would catch a
     decode that took out_proj (or ln_post, proj) from anywhere but the head it was given."""
@@ -303,3 +325,35 @@ def test_a_read_only_cache_still_gives_a_full_segmenter(clipseg_full, monkeypatc
     for item in ctx.items:
         trial.extract_item(ctx, item)
     assert same_logits(clipseg_logits(ctx, seg, CLIPSEG_PARAMS), logits)
+
+
+def test_the_driver_decodes_the_overlays_from_the_head_only_when_nothing_else_is_needed(
+        clipseg_full, monkeypatch, tmp_path):
+    from search.tune import _driver_segmenter, _overlay_preds
+
+    _, ctx, full, _ = clipseg_full
+    built = count_calls(monkeypatch, clipseg_segmenter, "load_clip")
+    seg = _driver_segmenter(ctx, 2)
+    assert seg is not None and not seg.model_built
+    params = full_params(ctx.defaults, CLIPSEG_PARAMS[0])
+    mine = _overlay_preds(ctx, params, 2, seg)
+    assert [m[0] for m in mine] == [item.image_id for item in ctx.items[:2]]
+    for (_, img, pred), item in zip(mine, ctx.items):
+        ev = trial.evidence_for(ctx, item, params)
+        assert np.array_equal(pred, full.decode(ev, params))
+        assert img.shape[:2] == pred.shape
+    assert built == [] and not seg.model_built
+    # An image whose evidence is not cached (the driver would extract): a Ray task decodes.
+    cache = EvidenceCache(ctx.cache_dir)
+    path = cache.path(ctx.method, ctx.base_key(ctx.items[1]))
+    moved = tmp_path / "moved"
+    path.rename(moved)
+    monkeypatch.setattr(trial, "_MEMO", {})          # no evidence held in memory either
+    try:
+        assert _driver_segmenter(ctx, 2) is None
+        assert _driver_segmenter(ctx, 1) is not None
+    finally:
+        moved.rename(path)
+    # A method without a decode head: a Ray task decodes.
+    _, pnp_ctx = smoke_context("pnp")
+    assert _driver_segmenter(pnp_ctx, 1) is None

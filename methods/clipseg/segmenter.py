@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -170,7 +169,8 @@ class ClipSegSegmenter(Segmenter):
         build it (:func:`load_clip`) on first use. OvssError if ``state`` is malformed or names
         another model than ``backbone``."""
         spec, seed = dict(backbone), int(settings.get("seed", 0))
-        name = (tiny_model_name(dict(spec["tiny"] or {})) if spec.get("tiny") is not None
+        name = (tiny_model_name(dict(spec["tiny"] or {}), register=False)
+                if spec.get("tiny") is not None
                 else str(spec.get("model")))
         return cls(Deferred(lambda: load_clip(spec, seed, device)), name, backbone, settings,
                    device, head=state)
@@ -201,6 +201,8 @@ class ClipSegSegmenter(Segmenter):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
+            import open_clip
+
             self._tokenizer = open_clip.get_tokenizer(self.model_name)
         return self._tokenizer
 
