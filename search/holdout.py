@@ -131,13 +131,17 @@ def dataset_input(plan, context: str = "tuning"):
     return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
 
 
-def finish_search(client, parent_id: str, plan, best: Mapping[str, Any]) -> str:
+def finish_search(client, parent_id: str, plan, best: Mapping[str, Any],
+                  ray_done=None) -> str:
     """After tuning: score the held-out images, write the parent run's description (best
-    config, holdout comparison, export command). Returns extra summary lines ('' if none)."""
+    config, holdout comparison, export command). Returns extra summary lines ('' if none).
+    ``ray_done()`` is called once nothing here needs Ray any more (after the holdout)."""
     import yaml
 
     r = plan.resolved
     line = score_holdout(client, parent_id, plan, best["params"])
+    if ray_done is not None:
+        ray_done()
     with tempfile.TemporaryDirectory() as d:
         config = yaml.safe_load(Path(client.download_artifacts(parent_id, "best_config.yaml",
                                                                d)).read_text())

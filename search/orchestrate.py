@@ -151,6 +151,17 @@ def run_search(plan) -> str:
         print(plan.holdout_note, file=sys.stderr)
     started = _init_ray(args.address)
     phases["ray_start"] = time.perf_counter() - t0
+    stopping: list = []     # the thread stopping the Ray this call started, once it is unused
+
+    def stop_ray() -> None:
+        """Stop our Ray in the background (its processes take ~1 s to exit) while the driver
+        logs the model and the description."""
+        import threading
+
+        if started and not stopping:
+            stopping.append(threading.Thread(target=ray.shutdown, name="ovss-ray-shutdown"))
+            stopping[0].start()
+
     try:
         resources = plan_resources(args)
         if args.address:   # a cluster: every node must see the cache and the data
@@ -222,13 +233,14 @@ def run_search(plan) -> str:
                 from search.rerank import rerank
 
                 chosen = rerank(client, parent_id, plan, ctx, results)
-            best = log_search_outputs(client, parent_id, plan, ctx, results, callback, chosen)
+            best = log_search_outputs(client, parent_id, plan, ctx, results, callback, chosen,
+                                      ray_done=stop_ray)
             phases["outputs"] = time.perf_counter() - t0
             tracking.log_metrics(client, parent_id, {f"time/{k}_s": v for k, v in phases.items()},
                                  0)
             if callback.orphaned:
                 client.set_tag(parent_id, "ovss_orphaned_runs", str(len(callback.orphaned)))
-            held = finish_search(client, parent_id, plan, best)
+            held = finish_search(client, parent_id, plan, best, ray_done=stop_ray)
         return ((chosen["summary"] + "\n" if chosen else "") +
                 f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
                 + (f"{held}\n" if held else "") +
@@ -237,7 +249,9 @@ def run_search(plan) -> str:
                 f"{r.backbone_name} --dataset {plan.dataset_name} --tracking-uri "
                 f"{plan.tracking_uri}")
     finally:
-        if started:
+        if stopping:
+            stopping[0].join()
+        elif started:
             ray.shutdown()
 
 

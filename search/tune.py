@@ -321,8 +321,10 @@ def best_config(plan, results, parent_id: str, callback, chosen: dict[str, Any] 
 
 
 def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
-                       chosen: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Best config, plots and overlays on the parent run."""
+                       chosen: dict[str, Any] | None = None, ray_done=None) -> dict[str, Any]:
+    """Best config, plots and overlays on the parent run. ``ray_done()`` is called as soon as
+    the overlays need no Ray task and no held-out image waits to be scored (then nothing after
+    the tuning needs Ray)."""
     import yaml
 
     from search import tracking
@@ -337,6 +339,9 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         overlays = _overlays(ctx, params, d, gpus=plan.args.gpus_per_trial)  # runs meanwhile
+        held = getattr(plan, "holdout", None)
+        if ray_done is not None and overlays.local and (held is None or not held.items):
+            ray_done()
         (d / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         client.log_artifact(parent_id, str(d / "best_config.yaml"))
         for png in _plots(rows, r, d):
@@ -452,6 +457,7 @@ def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0):
             written.append(path)
         return written
 
+    finish.local = seg is not None     # decoded in the driver: no Ray task
     return finish
 
 
