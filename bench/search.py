@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         per = 1000 * (wall - dec - score) / max(n, 1)
         phases = {k.removeprefix("time/").removesuffix("_s"): v for k, v in parent.items()
                   if k.startswith("time/")}
+        driver_cpu = phases.pop("tune_driver_cpu", float("nan"))
         tuned = phases.get("tune", 0.0)
         inside = 1000 * (tuned - dec - score - ev) / max(n, 1)
         print(f"1 at a time: wall {wall:.1f} s, {n} trials: decode {dec:.1f} s "
@@ -130,15 +131,18 @@ def main(argv: list[str] | None = None) -> int:
               f"evidence reads {ev:.1f} s")
         print("  where the rest goes: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
               + f"; inside tuning, per trial beyond decode/score/evidence: {inside:.0f} ms")
-        print(f"  framework overhead {per:.0f} ms per trial")
+        print(f"  framework overhead {per:.0f} ms per trial; the driver's CPU while tuning "
+              f"{driver_cpu:.1f} s ({1000 * driver_cpu / max(n, 1):.0f} ms per trial)")
         same = rows["rnd1"][2] == rows["rnd2"][2]
         tune1, tune2 = (rows[k][0].get("time/tune_s", float("nan")) for k in ("rnd1", "rnd2"))
         for key in ("rnd1", "rnd2"):
             kids = rows[key][1]
             d = sum(c.get("time/decode_s", 0.0) for c in kids)
             print(f"random sampler, {key[-1]} at a time: wall {walls[key]:.1f} s, tuning "
-                  f"{rows[key][0].get('time/tune_s', float('nan')):.1f} s, {len(kids)} trials, "
-                  f"decode {1000 * d / (len(kids) * args.images):.0f} ms per image")
+                  f"{rows[key][0].get('time/tune_s', float('nan')):.1f} s (driver CPU "
+                  f"{rows[key][0].get('time/tune_driver_cpu_s', float('nan')):.1f} s), "
+                  f"{len(kids)} trials, decode {1000 * d / (len(kids) * args.images):.0f} ms "
+                  "per image")
         print(f"  the two ran the same {len(rows['rnd1'][2])} trial configs: {same}; tuning "
               f"phase alone {tune1 / tune2:.2f}x")
         rss = max(c.get("worker/max_rss_mb", 0.0) for key in rows for c in rows[key][1])
