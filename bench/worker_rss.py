@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -43,37 +42,43 @@ def hwm_mb() -> float:
     return float("nan")
 
 
+def context(root: Path, images: int):
+    """The search context of the bench's search (planned again in each process: the plan is
+    deterministic, and nothing is unpickled)."""
+    from search.orchestrate import search_context
+    from search.run import build_parser, plan_search
+
+    os.chdir(root)
+    plan = plan_search(build_parser().parse_args(
+        ["--method", "clipseg", "--backbone", "openai-vit-b16", "--dataset", "voc21",
+         "--data-root", str(root / "voc"), "--max-images", str(images), "--rungs", "1",
+         "--cache-dir", str(root / "cache"), "--set",
+         f"backbone.path={root / 'vit-b16-random.pt'}", "--set", "settings.templates=simple"]))
+    return search_context(plan, "cpu")
+
+
 def extract(root: Path, images: int) -> dict:
-    """The extraction pass (evidence and decode head into the cache); writes ctx.pkl."""
+    """The extraction pass (evidence and decode head into the cache)."""
     import open_clip
     import torch
 
     import search.trial as trial
     from methods.io import atomic_write
     from search.data.synthetic import make_dataset
-    from search.orchestrate import search_context
-    from search.run import build_parser, plan_search
 
     torch.set_num_threads(1)
-    data = make_dataset("voc", root / "voc", n=images, size=(375, 500), seed=0)
+    make_dataset("voc", root / "voc", n=images, size=(375, 500), seed=0)
     ckpt = root / "vit-b16-random.pt"
     if not ckpt.is_file():
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
         atomic_write(ckpt, lambda f: torch.save(model.state_dict(), f))
         del model
-    os.chdir(root)
-    plan = plan_search(build_parser().parse_args(
-        ["--method", "clipseg", "--backbone", "openai-vit-b16", "--dataset", "voc21",
-         "--data-root", str(data), "--max-images", str(images), "--rungs", "1",
-         "--cache-dir", str(root / "cache"), "--set", f"backbone.path={ckpt}",
-         "--set", "settings.templates=simple"]))
-    ctx = search_context(plan, "cpu")
+    ctx = context(root, images)
     t0 = time.perf_counter()
     for item in ctx.items:
         trial.extract_item(ctx, item)
     trial.get_segmenter(ctx)                         # (writes the head if all was cached)
-    atomic_write(root / "ctx.pkl", pickle.dumps(ctx))
     cache = trial.get_cache(ctx)
     return {"extract_s": time.perf_counter() - t0,
             "evidence_mb": sum(cache.path(ctx.method, ctx.base_key(i)).stat().st_size
@@ -81,14 +86,14 @@ def extract(root: Path, images: int) -> dict:
             "head_mb": cache.path(ctx.method, trial.decode_state_key(ctx)).stat().st_size / 2**20}
 
 
-def worker(mode: str, root: Path) -> dict:
+def worker(mode: str, root: Path, images: int) -> dict:
     """One fresh trial worker: evaluate the defaults on cached evidence."""
     import search.trial as trial
     from methods.clipseg.segmenter import ClipSegSegmenter
 
     if mode == "full":                      # the worker before the decode head
         ClipSegSegmenter.from_decode_state = None
-    ctx = pickle.loads((root / "ctx.pkl").read_bytes())
+    ctx = context(root, images)
     t0 = time.perf_counter()
     result = trial.evaluate(ctx, {}, lambda r: None)
     return {"hwm_mb": hwm_mb(), "ru_maxrss_mb": result["worker/max_rss_mb"],
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.mode:
         root = Path(args.root)
-        out = extract(root, args.images) if args.mode == "extract" else worker(args.mode, root)
+        out = extract(root, args.images) if args.mode == "extract" else worker(args.mode, root,
+                                                                          args.images)
         print(json.dumps(out))
         return 0
     with tempfile.TemporaryDirectory(prefix="ovss-bench-rss-") as tmp:
