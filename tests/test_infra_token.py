@@ -80,6 +80,6 @@ def test_explicit_address_needs_ray_auth_mode_token_and_the_token():
         assert bad.returncode != 0, bad.stdout
         assert "auth" in bad.stderr.lower(), bad.stderr[-3000:]
     finally:
-        stop(head, timeout=30)
+        stop(head, timeout=3)   # `ray start --block` takes ~30 s to end on SIGTERM; then KILL
         _kill_leftovers(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
