@@ -1,8 +1,9 @@
 """A model built on first use: a trial worker that only decodes cached evidence never builds it.
 
-``clipseg`` and ``pnp`` hold their model as ``Deferred(build)`` when they are built without
-weights (``ClipSegSegmenter.from_decode_state``, ``PnPSegmenter.from_spec``); the first access
-that truly needs the model (extract, extend, text embeddings) calls ``build()`` once.
+``clipseg``, ``pnp`` and ``fseg`` hold their model as ``Deferred(build)`` when they are built
+without weights (``ClipSegSegmenter.from_decode_state``, ``PnPSegmenter.from_spec``, fseg's
+LLaVA in ``FSegSegmenter.from_spec``); the first access that truly needs the model (extract,
+extend, text embeddings) calls ``build()`` once.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
+from methods.deferred import Deferred
 from methods.fseg import formulas as fm
 from methods.fseg.backbone import check_llava_spec, load_llava
 from methods.fseg.llava_pass import ClassEvidence, PrefixRunner, encode_image
@@ -68,13 +69,6 @@ BACKBONE_KEYS = ("name", "arch", "model", "path", "template", "tiny", "sam", "sa
 VERSION = 2
 
 
-class _Deferred:
-    """A model that is built when first needed."""
-
-    def __init__(self, build):
-        self.build = build
-
-
 class FSegSegmenter(Segmenter):
     """FSeg-LLaVA (Zhang et al., CVPR 2026): LLaVA QAP + TVR + VGM, then SAM prompts."""
 
@@ -112,19 +106,19 @@ class FSegSegmenter(Segmenter):
         check_llava_spec(backbone)                     # cheap checks first: names, paths
         sam = load_sam(backbone, seed, device)         # (decode needs SAM's decoder)
         dtype = str(settings.get("dtype", "auto"))
-        return cls(_Deferred(lambda: load_llava(backbone, seed, dtype, device)), sam, backbone,
+        return cls(Deferred(lambda: load_llava(backbone, seed, dtype, device)), sam, backbone,
                    settings, device)
 
     @property
     def llava(self):
         """The LLaVA bundle, built on first use."""
-        if isinstance(self._llava, _Deferred):
+        if isinstance(self._llava, Deferred):
             self._llava = self._llava.build()
         return self._llava
 
     @property
     def llava_built(self) -> bool:
-        return not isinstance(self._llava, _Deferred)
+        return not isinstance(self._llava, Deferred)
 
     def settings_key(self) -> dict[str, Any]:
         key = {k: self.settings[k] for k in EXTRACT_SETTINGS}
