@@ -78,6 +78,12 @@ def split_holdout(args, items: list, data_kwargs: Mapping[str, Any]):
                               f"{held.describe()}")
 
 
+def holds_out(plan) -> bool:
+    """Whether the search keeps images out of tuning to score after it."""
+    held = getattr(plan, "holdout", None)
+    return held is not None and bool(held.items)
+
+
 def score_holdout(client, parent_id: str, plan, best_params: Mapping[str, Any]) -> str:
     """Score the best config and the paper defaults on the held-out images; log
     ``holdout_miou_best``, ``holdout_miou_default``, ``holdout_miou_gap`` (and aAcc) and the
@@ -85,9 +91,9 @@ def score_holdout(client, parent_id: str, plan, best_params: Mapping[str, Any]) 
     from search import tracking
     from search.space import full_params
 
-    held = getattr(plan, "holdout", None)
-    if held is None or not held.items:
+    if not holds_out(plan):
         return ""
+    held = plan.holdout
     r, args = plan.resolved, plan.args
     base = {"method": r.method, "backbone_name": r.backbone_name, "backbone": r.backbone,
             "settings": r.settings, "dataset": plan.dataset_name}

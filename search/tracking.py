@@ -163,12 +163,10 @@ class _Writer:
             self.thread.start()
         self.queue.put(call)
 
-    def _loop(self) -> None:
+    def _loop(self) -> None:   # a daemon thread: it waits for calls as long as the driver lives
         while True:
             call = self.queue.get()
             try:
-                if call is None:
-                    return
                 if not self.owner.offline:
                     call()
             except Exception as e:  # noqa: BLE001 - any store failure: MlflowException, HTTP, OS

@@ -113,27 +113,36 @@ def decode_state_key(ctx: SearchContext) -> str:
                         {"backbone": ctx.backbone, "settings": ctx.settings})
 
 
-def build_segmenter(ctx: SearchContext) -> Segmenter:
-    """``from_spec``; for a method with a decode head (``decode_state`` / ``from_decode_state``,
-    e.g. clipseg) the head cached by an earlier build instead, so that a trial worker decoding
-    cached evidence never builds the model. A missing, damaged or malformed head: the full
-    build, which caches its head."""
-    cls = get_segmenter_class(ctx.method)
-    from_state = getattr(cls, "from_decode_state", None)
+def head_segmenter(ctx: SearchContext, device: str | None = None) -> Segmenter | None:
+    """The segmenter built from the decode head an earlier full build cached (a method with
+    ``decode_state`` / ``from_decode_state``, e.g. clipseg): it decodes without the model.
+    None when the method has no head, or the head is missing, damaged or malformed."""
+    from_state = getattr(get_segmenter_class(ctx.method), "from_decode_state", None)
     if from_state is None:
-        return cls.from_spec(ctx.backbone, ctx.settings, ctx.device)
-    cache, key = get_cache(ctx), decode_state_key(ctx)
-    state = cache.get(ctx.method, key)
-    if state is not None:
-        try:
-            return from_state(ctx.backbone, ctx.settings, state, ctx.device)
-        except OvssError:
-            pass            # the full build below names what is wrong, or decodes right
-    seg = cls.from_spec(ctx.backbone, ctx.settings, ctx.device)
+        return None
+    state = get_cache(ctx).get(ctx.method, decode_state_key(ctx))
+    if state is None:
+        return None
     try:
-        cache.put(ctx.method, key, seg.decode_state())
+        return from_state(ctx.backbone, ctx.settings, state, device or ctx.device)
     except OvssError:
-        pass                # a read-only cache: each worker builds the model, as before
+        return None         # the full build names what is wrong, or decodes right
+
+
+def build_segmenter(ctx: SearchContext) -> Segmenter:
+    """The cached decode head's segmenter (:func:`head_segmenter`), so that a trial worker
+    decoding cached evidence never builds the model; else ``from_spec``, whose head (if the
+    method has one) is cached for the next worker."""
+    seg = head_segmenter(ctx)
+    if seg is not None:
+        return seg
+    cls = get_segmenter_class(ctx.method)
+    seg = cls.from_spec(ctx.backbone, ctx.settings, ctx.device)
+    if getattr(cls, "from_decode_state", None) is not None:
+        try:
+            get_cache(ctx).put(ctx.method, decode_state_key(ctx), seg.decode_state())
+        except OvssError:
+            pass            # a read-only cache: each worker builds the model, as before
     return seg
 
 

@@ -328,6 +328,7 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
     import yaml
 
     from search import tracking
+    from search.holdout import holds_out
 
     r = plan.resolved
     config, best, rows = best_config(plan, results, parent_id, callback, chosen)
@@ -338,9 +339,9 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
         client.set_tag(parent_id, f"best.{k}", str(v))
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        overlays = _overlays(ctx, params, d, gpus=plan.args.gpus_per_trial)  # runs meanwhile
-        held = getattr(plan, "holdout", None)
-        if ray_done is not None and overlays.local and (held is None or not held.items):
+        seg = _driver_segmenter(ctx)
+        overlays = _overlays(ctx, params, d, seg, gpus=plan.args.gpus_per_trial)  # meanwhile
+        if ray_done is not None and seg is not None and not holds_out(plan):
             ray_done()
         (d / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         client.log_artifact(parent_id, str(d / "best_config.yaml"))
@@ -393,6 +394,10 @@ def _plots(rows, r, out: Path) -> list[Path]:
     return written
 
 
+#: Tuning images whose best-config overlays the parent run gets.
+OVERLAY_IMAGES = 3
+
+
 def _overlay_preds(ctx, params, n: int, seg=None):
     """Best-config label maps + images of the first ``n`` tuning images: in a Ray task (the
     driver never loads a model), or in the driver with ``seg``, a segmenter that decodes
@@ -409,36 +414,28 @@ def _overlay_preds(ctx, params, n: int, seg=None):
     return out
 
 
-def _driver_segmenter(ctx, n: int):
+def _driver_segmenter(ctx, n: int = OVERLAY_IMAGES):
     """A segmenter the driver can decode the first ``n`` tuning images with, without building
-    a model: the method's cached decode head (clipseg's ``from_decode_state``), the images'
+    a model: the cached decode head's (:func:`search.trial.head_segmenter`), the images'
     evidence cached and no knob-dependent extension. None otherwise (a Ray task decodes)."""
-    from methods import get_segmenter_class
-    from search.trial import decode_state_key, get_cache
+    from search.trial import get_cache, head_segmenter
 
-    cls = get_segmenter_class(ctx.method)
-    if getattr(cls, "from_decode_state", None) is None or ctx.extraction_knobs:
+    if ctx.extraction_knobs:
         return None
     cache = get_cache(ctx)
     if not all(cache.has(ctx.method, ctx.base_key(item)) for item in ctx.items[:n]):
         return None
-    state = cache.get(ctx.method, decode_state_key(ctx))
-    if state is None:
-        return None
-    try:
-        return cls.from_decode_state(ctx.backbone, ctx.settings, state, "cpu")
-    except OvssError:
-        return None
+    return head_segmenter(ctx, "cpu")
 
 
-def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0):
+def _overlays(ctx, params, out: Path, seg=None, n: int = OVERLAY_IMAGES,
+              gpus: float = 0.0):
     """Starts the overlays and returns a function that waits for them and writes the PNGs
-    (image | overlay | label colours) into ``out``. Decoded in the driver when that needs no
-    model (:func:`_driver_segmenter`: no worker to start, no model to load), else in a Ray
-    task that runs while the driver makes the plots."""
+    (image | overlay | label colours) into ``out``. Decoded in the driver with ``seg`` (from
+    :func:`_driver_segmenter`: no worker to start, no model to load), else in a Ray task that
+    runs while the driver makes the plots."""
     import ray
 
-    seg = _driver_segmenter(ctx, n)
     if seg is None:
         task = ray.remote(_overlay_preds).options(num_gpus=gpus, max_retries=0)
         ref = task.remote(ctx, params, n)
@@ -457,7 +454,6 @@ def _overlays(ctx, params, out: Path, n: int = 3, gpus: float = 0.0):
             written.append(path)
         return written
 
-    finish.local = seg is not None     # decoded in the driver: no Ray task
     return finish
 
 
