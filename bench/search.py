@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rows[key][0].get('time/tune_driver_cpu_s', float('nan')):.1f} s), "
                   f"{len(kids)} trials, decode {1000 * d / (len(kids) * args.images):.0f} ms "
                   "per image")
+            spent = {k.removeprefix("time/").removesuffix("_s"): v
+                     for k, v in rows[key][0].items()
+                     if k.startswith("time/") and k != "time/tune_driver_cpu_s"}
+            print("  outside tuning: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()
+                                                   if k != "tune")
+                  + f"; the rest of the wall {walls[key] - sum(spent.values()):.1f} s")
         print(f"  the two ran the same {len(rows['rnd1'][2])} trial configs: {same}; tuning "
               f"phase alone {tune1 / tune2:.2f}x")
         rss = max(c.get("worker/max_rss_mb", 0.0) for key in rows for c in rows[key][1])

@@ -3,6 +3,7 @@ ASHA), and what the parent MLflow run gets at the end (best config, plots, overl
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import sys
@@ -217,6 +218,19 @@ def _new_tuner(plan, ctx, callback, trainable):
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
 
 
+@contextlib.contextmanager
+def _scoped_env(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, unless the user set it already."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def tune_search(plan, ctx, callback):
     import shutil
     import signal
@@ -237,9 +251,11 @@ def tune_search(plan, ctx, callback):
     private_dir(plan.storage)
     # Tune keeps a single pending trial for a searcher by default, which on short trials leaves
     # all but one worker idle; allow as many pending trials as can run at once.
+    # Tune reads it when fit() builds its controller; set for this search only (a second search
+    # in the same process, such as --backbone a,b, gets its own), unless the user set it.
     slots = int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_trial, 1e-6))
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG",
-                          str(max(1, min(slots, args.max_concurrent or slots))))
+    pending_limit = _scoped_env("TUNE_MAX_PENDING_TRIALS_PG",
+                                str(max(1, min(slots, args.max_concurrent or slots))))
     if args.resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -255,9 +271,8 @@ def tune_search(plan, ctx, callback):
             shutil.rmtree(path)
         tuner = _new_tuner(plan, ctx, callback, trainable)
     before = signal.getsignal(signal.SIGINT)
-    import contextlib
-
-    with contextlib.redirect_stdout(sys.stderr):  # Tune's banners: stdout keeps the summary
+    # Tune's banners go to stderr: stdout keeps the summary
+    with pending_limit, contextlib.redirect_stdout(sys.stderr):
         results = tuner.fit()
     interrupted = _tune_interrupted(before)
     trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", []) or [])

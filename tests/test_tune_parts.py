@@ -141,3 +141,52 @@ def test_the_random_sampler_gives_the_same_trials_at_any_concurrency():
     # TPE's suggestions after its start-up depend on the results it has seen.
     tpe = make_sampler("tpe", 3, 8)
     assert isinstance(tpe, optuna.samplers.TPESampler) and tpe._constant_liar
+
+
+class _Fit(Exception):
+    pass
+
+
+def test_the_pending_trial_limit_is_set_for_each_search_alone(tmp_path, monkeypatch):
+    """Tune reads TUNE_MAX_PENDING_TRIALS_PG when fit() starts; a search set it for the rest of
+    the process, so a later search in it (another --backbone, a notebook) kept the first one's
+    limit: one pending trial, and its trials started one at a time."""
+    import os
+
+    import ray
+    from ray import tune
+
+    from search.tune import tune_search
+
+    seen = []
+
+    def fit(self):
+        seen.append(os.environ.get("TUNE_MAX_PENDING_TRIALS_PG"))
+        raise _Fit
+
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(tune.Tuner, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(tune.Tuner, "fit", fit)
+    monkeypatch.setattr("search.space.optuna_space", lambda s: {})
+    monkeypatch.setattr("search.space.trial0", lambda d, s: {})
+    monkeypatch.setattr("ray.tune.search.optuna.OptunaSearch.__init__",
+                        lambda self, *a, **k: None)
+
+    def search(max_concurrent):
+        plan = SimpleNamespace(
+            resolved=SimpleNamespace(space={"temp": SimpleNamespace()}, defaults={"temp": 0.1}),
+            storage=tmp_path / "ray_results", name="s", num_samples=4, rungs=[1],
+            args=SimpleNamespace(cpus_per_trial=1.0, gpus_per_trial=0.0, resume=False, seed=0,
+                                 max_concurrent=max_concurrent, sampler="tpe"))
+        with pytest.raises(_Fit):
+            tune_search(plan, SimpleNamespace(), callback=None)
+
+    search(1)
+    search(3)
+    search(None)        # as many as the cluster's CPUs hold
+    assert seen == ["1", "3", "4"]
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "7")   # the user's own setting wins
+    search(2)
+    assert seen[-1] == "7" and os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "7"
