@@ -45,7 +45,7 @@ def run_backbones(args: argparse.Namespace) -> str:
 
     from search import tracking
     from search.evaluate import to_csv, to_markdown
-    from search.orchestrate import _init_ray, run_search
+    from search.orchestrate import init_ray, run_search, shutdown_ray
     from search.run import plan_search
 
     plans = []
@@ -55,7 +55,7 @@ def run_backbones(args: argparse.Namespace) -> str:
         if args.name:
             a.name = f"{args.name}-{name}"
         plans.append(plan_search(a))
-    started = _init_ray(args.address)
+    started = init_ray(args.address)
     try:
         rows, summaries = [], []
         client = MlflowClient(plans[0].tracking_uri)
@@ -100,9 +100,7 @@ def run_backbones(args: argparse.Namespace) -> str:
             f"{100 * best['best score']:.2f}); summary run {rid}")
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
 
 
 def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

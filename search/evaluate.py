@@ -352,7 +352,7 @@ def evaluate(args: argparse.Namespace) -> str:
     from mlflow.tracking import MlflowClient
 
     from search import tracking
-    from search.orchestrate import _init_ray
+    from search.orchestrate import init_ray, shutdown_ray
 
     uri = args.tracking_uri or tracking.default_tracking_uri()
     config, source = load_source(args.config, args.run, args.model, uri)
@@ -362,7 +362,7 @@ def evaluate(args: argparse.Namespace) -> str:
     client = MlflowClient(uri)
     exp_name = tracking.experiment_name(config["method"], str(config.get("backbone_name") or
                                         config["backbone"].get("name")), args.dataset)
-    started = _init_ray(args.address)
+    started = init_ray(args.address)
     try:
         try:
             exp_id = tracking.ensure_experiment(client, exp_name)
@@ -390,9 +390,7 @@ def evaluate(args: argparse.Namespace) -> str:
         return (f"{table}\nMLflow run {run_id} (experiment {exp_name!r}) at {uri}")
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
 
 
 def _log_evaluation(client, run_id: str, scores: Mapping[str, Score], rows, data) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -9,9 +10,29 @@ from typing import Any
 
 from methods.base import OvssError
 
+# A local Ray starts faster with these: its raylet's first connection to its own object store
+# fails (the store is not listening yet) and Ray waits raylet_client_connect_timeout_milliseconds
+# (1000) before the next try, which often makes ray.init wait one more second for the node to
+# register. Same 10 s budget (100 x 100 ms instead of 10 x 1000 ms). bench/ray_start.py measures it.
+LOCAL_RAY_ENV = {"RAY_raylet_client_connect_timeout_milliseconds": "100",
+                 "RAY_raylet_client_num_connect_attempts": "100"}
 
-def _init_ray(address: str | None) -> bool:
-    """Start or join Ray. Returns True when this call started it (and so should stop it)."""
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]):
+    """Set ``values`` in ``os.environ`` inside the block, each unless the user set it already."""
+    mine = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(mine)
+    try:
+        yield
+    finally:
+        for k in mine:
+            os.environ.pop(k, None)
+
+
+def init_ray(address: str | None) -> bool:
+    """Start or join Ray. Returns True when this call started it (and so should stop it, with
+    :func:`shutdown_ray`)."""
     import ray
 
     if ray.is_initialized():
@@ -23,7 +44,8 @@ def _init_ray(address: str | None) -> bool:
         if address:
             ray.init(address=address, **kw)
         else:
-            ray.init(**kw)
+            with scoped_env(LOCAL_RAY_ENV):   # read by the processes ray.init starts
+                ray.init(**kw)
     except Exception as e:  # ConnectionError, RuntimeError, ...
         where = f"at --address {address}" if address else "locally"
         hint = ""
@@ -34,6 +56,24 @@ def _init_ray(address: str | None) -> bool:
                     "RAY_AUTH_MODE=disabled, on both)")
         raise OvssError(f"cannot start Ray {where}: {str(e).splitlines()[0]}{hint}") from None
     return True
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()`` of a Ray that :func:`init_ray` started, less the second it spends on
+    the autoscaler monitor: that process does not exit on SIGTERM, and Ray waits 1 s before it
+    SIGKILLs it. A local Ray's monitor keeps no state, so it is killed first. (Ray's private
+    process table; when it is not there, the plain shutdown.)"""
+    import ray
+
+    try:
+        node = ray._private.worker._global_node
+        for info in list(getattr(node, "all_processes", {}).get("monitor", [])):
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=2)
+    except Exception:  # noqa: BLE001 - an internal layout this Ray does not have
+        pass
+    ray.shutdown()
 
 
 def plan_resources(args) -> dict[str, float]:
@@ -124,7 +164,6 @@ def resume_target(exp_name: str, plan) -> str | None:
 
 
 def run_search(plan) -> str:
-    import ray
     from mlflow.tracking import MlflowClient
 
     from search import tracking
@@ -149,7 +188,7 @@ def run_search(plan) -> str:
     t0 = time.perf_counter()
     if plan.holdout_note:   # every input accepted: say which images are held out
         print(plan.holdout_note, file=sys.stderr)
-    started = _init_ray(args.address)
+    started = init_ray(args.address)
     phases["ray_start"] = time.perf_counter() - t0
     stopping: list = []     # the thread stopping the Ray this call started, once it is unused
 
@@ -159,7 +198,7 @@ def run_search(plan) -> str:
         import threading
 
         if started and not stopping:
-            stopping.append(threading.Thread(target=ray.shutdown, name="ovss-ray-shutdown"))
+            stopping.append(threading.Thread(target=shutdown_ray, name="ovss-ray-shutdown"))
             stopping[0].start()
 
     try:
@@ -255,7 +294,7 @@ def run_search(plan) -> str:
         if stopping:
             stopping[0].join()
         elif started:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def search_context(plan, device: str):

@@ -92,7 +92,7 @@ def transfer(args: argparse.Namespace) -> str:
     from mlflow.tracking import MlflowClient
 
     from search import tracking
-    from search.orchestrate import _init_ray
+    from search.orchestrate import init_ray, shutdown_ray
 
     datasets = parse_datasets(args.dataset)
     rows = row_configs(args.config, paper=not args.no_paper)
@@ -101,7 +101,7 @@ def transfer(args: argparse.Namespace) -> str:
     uri = args.tracking_uri or tracking.default_tracking_uri()
     cache_dir = Path(args.cache_dir or Path(".ovss") / "cache").resolve()
     client = MlflowClient(uri)
-    started = _init_ray(args.address)
+    started = init_ray(args.address)
     try:
         try:
             exp_id = tracking.ensure_experiment(client, args.experiment)
@@ -133,9 +133,7 @@ def transfer(args: argparse.Namespace) -> str:
                 + f"\nMLflow run {run_id} (experiment {args.experiment!r}) at {uri}")
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
 
 
 def _note(data) -> str:

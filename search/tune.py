@@ -218,19 +218,6 @@ def _new_tuner(plan, ctx, callback, trainable):
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
 
 
-@contextlib.contextmanager
-def _scoped_env(name: str, value: str):
-    """``os.environ[name] = value`` inside the block, unless the user set it already."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
 def tune_search(plan, ctx, callback):
     import shutil
     import signal
@@ -254,8 +241,10 @@ def tune_search(plan, ctx, callback):
     # Tune reads it when fit() builds its controller; set for this search only (a second search
     # in the same process, such as --backbone a,b, gets its own), unless the user set it.
     slots = int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_trial, 1e-6))
-    pending_limit = _scoped_env("TUNE_MAX_PENDING_TRIALS_PG",
-                                str(max(1, min(slots, args.max_concurrent or slots))))
+    from search.orchestrate import scoped_env
+
+    pending_limit = scoped_env({"TUNE_MAX_PENDING_TRIALS_PG":
+                                str(max(1, min(slots, args.max_concurrent or slots)))})
     if args.resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)

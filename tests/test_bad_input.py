@@ -493,7 +493,7 @@ def test_bad_input(make, cli, stage, workdir, voc_root, capsys, monkeypatch, req
         def no_ray(address):
             raise RayStarted("Ray was started for an input that could be refused before")
 
-        monkeypatch.setattr(search.orchestrate, "_init_ray", no_ray)
+        monkeypatch.setattr(search.orchestrate, "init_ray", no_ray)
     capsys.readouterr()
     before = _files(workdir)
     try:
@@ -529,7 +529,7 @@ def test_max_images_is_checked_where_the_preset_would_fill_it(workdir, monkeypat
     """``--max-images 0`` does not fall back to the preset's value (0 is not "unset")."""
     import search.orchestrate
 
-    monkeypatch.setattr(search.orchestrate, "_init_ray",
+    monkeypatch.setattr(search.orchestrate, "init_ray",
                         lambda a: (_ for _ in ()).throw(RayStarted()))
     assert run_main(["--method", "toy", "--preset", "smoke", "--max-images", "0"]) == 2
     assert "--max-images 0" in capsys.readouterr().err

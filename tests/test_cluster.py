@@ -31,7 +31,7 @@ def no_ray(monkeypatch):
     def refuse(address):
         raise AssertionError("Ray must not start")
 
-    monkeypatch.setattr(orch, "_init_ray", refuse)
+    monkeypatch.setattr(orch, "init_ray", refuse)
 
 
 @pytest.mark.parametrize("flag, value, words", [

@@ -118,7 +118,7 @@ def test_resume_of_a_finished_search_is_refused_before_ray(ray_session, workdir,
     def no_ray(address):
         raise AssertionError("Ray must not start for a refused --resume")
 
-    monkeypatch.setattr(orch, "_init_ray", no_ray)
+    monkeypatch.setattr(orch, "init_ray", no_ray)
     capsys.readouterr()
     for extra in ([], ["--num-samples", "8"]):
         assert run_main([*argv, *extra, "--resume"]) == 2
