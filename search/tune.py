@@ -434,29 +434,36 @@ def _driver_segmenter(ctx, n: int = OVERLAY_IMAGES):
 
 def _overlays(ctx, params, out: Path, seg=None, n: int = OVERLAY_IMAGES,
               gpus: float = 0.0):
-    """Starts the overlays and returns a function that waits for them and writes the PNGs
-    (image | overlay | label colours) into ``out``. Decoded in the driver with ``seg`` (from
-    :func:`_driver_segmenter`: no worker to start, no model to load), else in a Ray task that
-    runs while the driver makes the plots."""
+    """Starts the overlays and returns a function that waits for them and returns the PNGs
+    (image | overlay | label colours) written into ``out``. Decoded in the driver with ``seg``
+    (from :func:`_driver_segmenter`: no worker to start, no model to load) on a thread, else in
+    a Ray task; either runs while the driver makes the plots."""
+    import threading
+
     import ray
+
+    from search.evaluate import write_overlays
 
     if seg is None:
         task = ray.remote(_overlay_preds).options(num_gpus=gpus, max_retries=0)
         ref = task.remote(ctx, params, n)
+        return lambda: write_overlays(out, ray.get(ref))
+    done: dict[str, Any] = {}
+
+    def run() -> None:   # torch and zlib release the GIL: the plots go on meanwhile
+        try:
+            done["paths"] = write_overlays(out, _overlay_preds(ctx, params, n, seg))
+        except BaseException as e:  # noqa: BLE001 - handed to finish()
+            done["error"] = e
+
+    thread = threading.Thread(target=run, name="ovss-overlays", daemon=True)
+    thread.start()
 
     def finish() -> list[Path]:
-        from PIL import Image
-
-        from methods.infer import colorize, overlay
-
-        written = []
-        preds = _overlay_preds(ctx, params, n, seg) if seg is not None else ray.get(ref)
-        for image_id, img, pred in preds:
-            path = out / f"{image_id}_overlay.png"
-            Image.fromarray(np.concatenate([img, overlay(img, pred), colorize(pred)], 1)
-                            ).save(path)
-            written.append(path)
-        return written
+        thread.join()
+        if "error" in done:
+            raise done["error"]
+        return done["paths"]
 
     return finish
 

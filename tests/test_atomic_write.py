@@ -174,7 +174,6 @@ ALLOWED = {
     ("search/cache.py", "_discard"): "renames a damaged entry aside to remove it safely",
     ("search/tune.py", "log_search_outputs"): "a TemporaryDirectory, logged as an MLflow artifact",
     ("search/tune.py", "_plots"): "a TemporaryDirectory, logged as an MLflow artifact",
-    ("search/tune.py", "finish"): "_overlays: a TemporaryDirectory, logged as an MLflow artifact",
     ("search/orchestrate.py", "_log_plan"): "a TemporaryDirectory, logged as an MLflow artifact",
     ("rewards/fidelity.py", "scatter_plot"): "called with a TemporaryDirectory (tune._fidelity)",
     ("search/data/synthetic.py", "_write"): "a private temporary directory, renamed whole",

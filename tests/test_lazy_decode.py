@@ -357,3 +357,31 @@ def test_the_driver_decodes_the_overlays_from_the_head_only_when_nothing_else_is
     # A method without a decode head: a Ray task decodes.
     _, pnp_ctx = smoke_context("pnp")
     assert _driver_segmenter(pnp_ctx, 1) is None
+
+
+def test_the_driver_overlays_run_on_a_thread_and_write_the_panels(clipseg_full, tmp_path):
+    """The driver's overlays decode and encode on a thread while the plots are made: finish()
+    returns the PNGs, lossless image | overlay | label colours of the decoded label maps, and
+    re-raises a failure of the thread instead of returning nothing."""
+    from PIL import Image
+
+    from methods.infer import colorize, overlay
+    from search.tune import _driver_segmenter, _overlay_preds, _overlays
+
+    _, ctx, _, _ = clipseg_full
+    seg = _driver_segmenter(ctx, 2)
+    params = full_params(ctx.defaults, CLIPSEG_PARAMS[0])
+    finish = _overlays(ctx, params, tmp_path, seg, n=2)
+    paths = finish()
+    want = _overlay_preds(ctx, params, 2, seg)
+    assert [p.name for p in paths] == [f"{i}_overlay.png" for i, _, _ in want]
+    for path, (_, img, pred) in zip(paths, want):
+        panel = np.concatenate([img, overlay(img, pred), colorize(pred)], 1)
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), panel)
+
+    class Broken:
+        def decode(self, ev, params):
+            raise RuntimeError("decode broke")
+
+    with pytest.raises(RuntimeError, match="decode broke"):
+        _overlays(ctx, params, tmp_path, Broken(), n=2)()
