@@ -1,6 +1,7 @@
 """What a search pays to start and stop its local Ray, with and without the two changes of
 ``search.orchestrate``: ``LOCAL_RAY_ENV`` (the raylet's retry interval for its first connection to
-its object store) and ``shutdown_ray`` (the autoscaler monitor killed first).
+its object store; idle workers started with the raylet) and ``shutdown_ray`` (the autoscaler
+monitor killed first).
 
     python bench/ray_start.py            # 8 starts and stops of each kind, interleaved
 

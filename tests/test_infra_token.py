@@ -74,9 +74,11 @@ def test_explicit_address_needs_ray_auth_mode_token_and_the_token():
                             env={**_clean_env(tmp), "RAY_AUTH_MODE": "token",
                                  "RAY_AUTH_TOKEN": token})
         assert ok.returncode == 0 and "CPU 1.0" in ok.stdout, ok.stderr[-3000:]
-        # No mode (an explicit address never turns it on): refused.
+        # No mode (an explicit address never turns it on): refused. Ray retries its GCS
+        # connection 20 times, 1 s apart, before it gives up; 3 are enough to be refused.
         bad = subprocess.run([sys.executable, "-c", DRIVER, addr], capture_output=True,
-                             text=True, timeout=180, env=_clean_env(tmp))
+                             text=True, timeout=180,
+                             env={**_clean_env(tmp), "RAY_gcs_server_port_wait_time_s": "3"})
         assert bad.returncode != 0, bad.stdout
         assert "auth" in bad.stderr.lower(), bad.stderr[-3000:]
     finally:

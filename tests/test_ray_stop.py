@@ -91,7 +91,9 @@ def test_a_local_ray_starts_with_the_fast_connect_settings_and_stops_its_monitor
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_raylet_client")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_raylet_client",
+                                                                     "RAY_enable_worker_prestart",
+                                                                     "RAY_prestart_worker"))}
     tmp = tempfile.mkdtemp(prefix="ovr", dir="/tmp")     # Ray's socket paths: <= 107 bytes
     env.update(PYTHONPATH=str(repo), RAY_TMPDIR=tmp, OMP_NUM_THREADS="1")
     try:
@@ -102,8 +104,12 @@ def test_a_local_ray_starts_with_the_fast_connect_settings_and_stops_its_monitor
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["raylet_env"] == {"RAY_raylet_client_connect_timeout_milliseconds": "100",
-                                 "RAY_raylet_client_num_connect_attempts": "7"}
+                                 "RAY_raylet_client_num_connect_attempts": "7",
+                                 "RAY_enable_worker_prestart": "1",
+                                 "RAY_prestart_worker_first_driver": "0"}
     assert got["driver_env"] == {"RAY_raylet_client_connect_timeout_milliseconds": None,
-                                 "RAY_raylet_client_num_connect_attempts": "7"}
+                                 "RAY_raylet_client_num_connect_attempts": "7",
+                                 "RAY_enable_worker_prestart": None,
+                                 "RAY_prestart_worker_first_driver": None}
     assert got["monitor_alive_at_shutdown"] is False
     assert got["alive_after"] == []
