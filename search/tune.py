@@ -438,7 +438,7 @@ def _overlays(ctx, params, out: Path, seg=None, n: int = OVERLAY_IMAGES,
     (image | overlay | label colours) written into ``out``. Decoded in the driver with ``seg``
     (from :func:`_driver_segmenter`: no worker to start, no model to load) on a thread, else in
     a Ray task; either runs while the driver makes the plots."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     import ray
 
@@ -448,24 +448,11 @@ def _overlays(ctx, params, out: Path, seg=None, n: int = OVERLAY_IMAGES,
         task = ray.remote(_overlay_preds).options(num_gpus=gpus, max_retries=0)
         ref = task.remote(ctx, params, n)
         return lambda: write_overlays(out, ray.get(ref))
-    done: dict[str, Any] = {}
-
-    def run() -> None:   # torch and zlib release the GIL: the plots go on meanwhile
-        try:
-            done["paths"] = write_overlays(out, _overlay_preds(ctx, params, n, seg))
-        except BaseException as e:  # noqa: BLE001 - handed to finish()
-            done["error"] = e
-
-    thread = threading.Thread(target=run, name="ovss-overlays", daemon=True)
-    thread.start()
-
-    def finish() -> list[Path]:
-        thread.join()
-        if "error" in done:
-            raise done["error"]
-        return done["paths"]
-
-    return finish
+    # torch and zlib release the GIL: the plots go on meanwhile; result() re-raises a failure
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ovss-overlays")
+    future = pool.submit(lambda: write_overlays(out, _overlay_preds(ctx, params, n, seg)))
+    pool.shutdown(wait=False)
+    return future.result
 
 
 def _fidelity(client, parent_id: str, rows, out: Path) -> None:
