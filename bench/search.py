@@ -74,6 +74,14 @@ def _record(root: Path, name: str) -> tuple[dict, list[dict], list[tuple]]:
     return parent.data.metrics, [c.data.metrics for c in children], configs
 
 
+def _phases(parent: dict) -> tuple[dict[str, float], float]:
+    """The parent run's ``time/<phase>_s`` metrics as ``{phase: s}`` (wall-clock phases only),
+    and ``time/tune_driver_cpu_s`` (the driver's CPU while tuning) beside them."""
+    phases = {k.removeprefix("time/").removesuffix("_s"): v for k, v in parent.items()
+              if k.startswith("time/")}
+    return phases, phases.pop("tune_driver_cpu", float("nan"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=64)
@@ -121,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         over = (wall - dec - score) / wall
         n = len(children)
         per = 1000 * (wall - dec - score) / max(n, 1)
-        phases = {k.removeprefix("time/").removesuffix("_s"): v for k, v in parent.items()
-                  if k.startswith("time/")}
-        driver_cpu = phases.pop("tune_driver_cpu", float("nan"))
+        phases, driver_cpu = _phases(parent)
         tuned = phases.get("tune", 0.0)
         inside = 1000 * (tuned - dec - score - ev) / max(n, 1)
         print(f"1 at a time: wall {wall:.1f} s, {n} trials: decode {dec:.1f} s "
@@ -138,14 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("rnd1", "rnd2"):
             kids = rows[key][1]
             d = sum(c.get("time/decode_s", 0.0) for c in kids)
+            spent, cpu = _phases(rows[key][0])
             print(f"random sampler, {key[-1]} at a time: wall {walls[key]:.1f} s, tuning "
-                  f"{rows[key][0].get('time/tune_s', float('nan')):.1f} s (driver CPU "
-                  f"{rows[key][0].get('time/tune_driver_cpu_s', float('nan')):.1f} s), "
+                  f"{spent.get('tune', float('nan')):.1f} s (driver CPU {cpu:.1f} s), "
                   f"{len(kids)} trials, decode {1000 * d / (len(kids) * args.images):.0f} ms "
                   "per image")
-            spent = {k.removeprefix("time/").removesuffix("_s"): v
-                     for k, v in rows[key][0].items()
-                     if k.startswith("time/") and k != "time/tune_driver_cpu_s"}
             print("  outside tuning: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()
                                                    if k != "tune")
                   + f"; the rest of the wall {walls[key] - sum(spent.values()):.1f} s")
