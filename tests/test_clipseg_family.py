@@ -232,7 +232,7 @@ def test_protocol_decode_equals_full_forward(protocol, image):
 
 
 def test_sclip_area_rule_matches_loops():
-    from methods.clipseg.segmenter import labels_from_probs
+    from methods.clipseg.labels import labels_from_probs
 
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(5, 12, 9, generator=gen), 0)

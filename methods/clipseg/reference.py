@@ -27,11 +27,8 @@ from methods.clipseg.formulas import (
     key_gram,
     relation_attention,
 )
-from methods.clipseg.segmenter import (
-    ClipSegSegmenter,
-    labels_from_probs,
-    names_to_classes,
-)
+from methods.clipseg.labels import labels_from_probs, names_to_classes
+from methods.clipseg.segmenter import ClipSegSegmenter
 from methods.clipseg.vit import embed_windows
 from methods.clipseg.windows import window_batch, window_grid
 

@@ -22,7 +22,6 @@ Decode runs no transformer block: it reads ln_post, proj and out_proj from the d
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +45,8 @@ from methods.clipseg.head import (
     frozen_linear,
     same_head,
 )
+from methods.clipseg.labels import labels_from_probs, names_to_classes, upsample
+from methods.clipseg.packing import pack_symmetric, unpack_symmetric
 from methods.clipseg.protocols import PROFILE_KEYS, apply_protocol, class_prompts
 from methods.clipseg.vit import window_pass
 from methods.clipseg.windows import (
@@ -72,33 +73,6 @@ EXTRACT_SETTINGS = ("short_side", "window", "stride", "templates", "evidence_dty
                     "dataset", "background")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 VERSION = 2
-
-
-@functools.lru_cache(maxsize=8)
-def _triu(t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    iu = torch.triu_indices(t, t)
-    return iu[0], iu[1]
-
-
-@functools.lru_cache(maxsize=8)
-def _unpack_index(t: int) -> torch.Tensor:
-    """T*T indices into the packed upper triangle: entry (i, j) -> position of (min, max)."""
-    pos = torch.empty(t, t, dtype=torch.long)
-    r, c = _triu(t)
-    pos[r, c] = torch.arange(len(r))
-    pos[c, r] = torch.arange(len(r))
-    return pos.flatten()
-
-
-def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
-    """... x T x T symmetric -> ... x T(T+1)/2 (upper triangle, row-major)."""
-    r, c = _triu(m.shape[-1])
-    return m[..., r, c]
-
-
-def unpack_symmetric(p: torch.Tensor, t: int) -> torch.Tensor:
-    """Inverse of :func:`pack_symmetric`: ... x T(T+1)/2 -> ... x T x T float32."""
-    return p.float().index_select(-1, _unpack_index(t)).unflatten(-1, (t, t))
 
 
 class ClipSegSegmenter(Segmenter):
@@ -404,54 +378,3 @@ class ClipSegSegmenter(Segmenter):
                 label = label + 1
             label = label.masked_fill_(mass * self.threshold(params) > 1.0, 0)
         return label.numpy().astype(np.int64)
-
-
-def upsample(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """names x (A gh) x (B gw) mosaic -> H x names x W: ``rows @ x_c @ cols^T`` for every name
-    as two matrix products, the cheaper order first."""
-    c, a, b = x.shape
-    h, w = rows.shape[0], cols.shape[0]
-    if h * b * (a + w) <= a * w * (b + h):
-        y = (rows @ x.transpose(0, 1).reshape(a, c * b)).view(h * c, b)      # (H names) x b
-        return (y @ cols.T).view(h, c, w)
-    y = (x.reshape(c * a, b) @ cols.T).view(c, a, w).transpose(0, 1).reshape(a, c * w)
-    return (rows @ y).view(h, c, w)
-
-
-def names_to_classes(probs: torch.Tensor, name_class: Sequence[int]) -> torch.Tensor:
-    """names x H x W probabilities -> classes x H x W, the max over each class's names."""
-    owner = list(name_class)
-    n_cls = max(owner) + 1
-    if n_cls == len(owner):
-        return probs
-    rows = [[i for i, o in enumerate(owner) if o == c] for c in range(n_cls)]
-    return torch.stack([probs[r[0]] if len(r) == 1 else probs[r].amax(0) for r in rows])
-
-
-def labels_from_probs(probs: torch.Tensor, mode: str, threshold: float,
-                      area: float | None = None) -> np.ndarray:
-    """C x H x W class probabilities -> H x W int64 labels.
-
-    mode ``none``: argmax. ``threshold``: foreground j is label j + 1, background where the best
-    probability is below ``threshold``. ``query`` (C = all classes, class 0 = background):
-    SCLIP's area rule first when ``area`` is set (classes 1.. whose argmax area is at most
-    ``area`` times the area of all of them get probability 0), argmax, then background where
-    the best probability is below ``threshold``.
-    """
-    if mode == "query" and area is not None:
-        arg = probs.argmax(0)
-        counts = torch.bincount(arg.flatten(), minlength=probs.shape[0])[1:].to(probs.dtype)
-        keep = (counts > float(area) * counts.sum()).to(probs.dtype)
-        probs = probs.clone()
-        probs[1:] *= keep[:, None, None]
-    top, arg = probs.max(0)
-    if mode == "none":
-        return arg.numpy().astype(np.int64)
-    label = arg + 1 if mode == "threshold" else arg.clone()
-    label[top < threshold] = 0
-    return label.numpy().astype(np.int64)
-
-
-def probs_to_labels(probs: torch.Tensor, background: bool, threshold: float) -> np.ndarray:
-    """C_fg x H x W -> H x W int64 label values (our threshold rule, or argmax)."""
-    return labels_from_probs(probs, "threshold" if background else "none", threshold)
