@@ -37,11 +37,15 @@ def scoped_env(values: dict[str, str]):
 
 def init_ray(address: str | None) -> bool:
     """Start or join Ray. Returns True when this call started it (and so should stop it, with
-    :func:`shutdown_ray`)."""
+    :func:`shutdown_ray`). A local Ray advertises ``OVSS_LOCAL_GPUS`` GPUs when it is set
+    (search.devices.local_gpus), else what Ray detects."""
     import ray
+
+    from search.devices import local_gpus
 
     if ray.is_initialized():
         return False
+    gpus = local_gpus(address)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                           "configure_logging": False}
@@ -49,6 +53,8 @@ def init_ray(address: str | None) -> bool:
         if address:
             ray.init(address=address, **kw)
         else:
+            if gpus is not None:
+                kw["num_gpus"] = gpus
             with scoped_env(LOCAL_RAY_ENV):   # read by the processes ray.init starts
                 ray.init(**kw)
     except Exception as e:  # ConnectionError, RuntimeError, ...
@@ -255,6 +261,9 @@ def run_search(plan) -> str:
                 if search_ctx.extract_nodes:
                     client.set_tag(parent_id, "ovss_extract_nodes",
                                    ",".join(search_ctx.extract_nodes))
+                if search_ctx.device_notes:   # Ray's GPUs that torch could not use
+                    client.set_tag(parent_id, "ovss_device_fallback",
+                                   " | ".join(search_ctx.device_notes.values()))
                 fault_point("before_tuning")
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 results = tune_search(plan, search_ctx, callback)

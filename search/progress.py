@@ -33,6 +33,7 @@ class ProgressLine(tune.Callback):
         self.best: tuple[float, int] | None = None
         self.last: dict[str, dict[str, Any]] = {}
         self._numbers: dict[str, int] = {}
+        self.device_warned: set[str] = set()   # nodes whose GPU fallback was reported
 
     def __getstate__(self):  # Tune pickles callbacks with its experiment state
         d = dict(self.__dict__)
@@ -66,6 +67,12 @@ class ProgressLine(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._number(trial)
         self.last[trial.trial_id] = dict(result)
+        note, node = result.get("device_note"), result.get("node_id")
+        if note and node not in self.device_warned:   # once per node (search.devices)
+            self.device_warned.add(node)
+            out = self.stream or sys.stderr
+            out.write(("\n" if out.isatty() else "") + f"warning: trials on {note}\n")
+            out.flush()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id, {})

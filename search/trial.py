@@ -69,6 +69,9 @@ class SearchContext:
     fidelity: bool = False
     device: str = "cpu"
     extract_nodes: list[str] = field(default_factory=list)   # Ray node ids that extracted
+    # Ray node id -> the one line saying its extraction ran on CPU although Ray assigned a GPU
+    # (search.devices.worker_device)
+    device_notes: dict[str, str] = field(default_factory=dict)
     # Where extract's present classes come from (settings.presence_source): "model" (None: the
     # method finds them itself, as at inference), "image_labels" or "ground_truth" (the
     # image-level labels; ground truth is an oracle, used only when asked for by name).
@@ -102,7 +105,19 @@ def _memo(kind: str, spec: Any, build: Callable[[], Any]) -> Any:
     return _MEMO[key]
 
 
+def on_worker_device(ctx: SearchContext) -> SearchContext:
+    """``ctx`` on the device this worker can use: a ``cuda`` that Ray assigned but torch cannot
+    see falls back to ``cpu`` (search.devices.worker_device)."""
+    from dataclasses import replace
+
+    from search.devices import worker_device
+
+    device = worker_device(ctx.device).device
+    return ctx if device == ctx.device else replace(ctx, device=device)
+
+
 def get_segmenter(ctx: SearchContext) -> Segmenter:
+    ctx = on_worker_device(ctx)
     return _memo("seg", [ctx.method, ctx.backbone, ctx.settings, ctx.device],
                  lambda: build_segmenter(ctx))
 
@@ -208,6 +223,7 @@ def make_scorer(ctx: SearchContext, name: str | None = None):
     if name == "clip":
         from rewards.clip_contrastive import ClipContrastiveReward
 
+        ctx = on_worker_device(ctx)
         r = ctx.reward
         reward = _memo("reward", [r, ctx.classes, ctx.device],
                        lambda: ClipContrastiveReward.from_spec(r["backbone"], r.get("settings", {}),

@@ -40,10 +40,10 @@ EXTRACT_RETRIES = 3   # Ray re-runs an extraction task whose worker died this ma
 TRIAL_RETRIES = 2     # Tune re-runs a failed trial this many times (FailureConfig.max_failures)
 
 
-def _extract_task(ctx, item) -> tuple[bool, str]:
+def _extract_task(ctx, item) -> tuple[bool, dict[str, str]]:
     from search.trial import extract_item
 
-    return extract_item(ctx, item), where_am_i(ctx)["node_id"]
+    return extract_item(ctx, item), where_am_i(ctx)
 
 
 def extraction_pass(ctx, gpus: float, cpus: float) -> int:
@@ -77,8 +77,12 @@ def extraction_pass(ctx, gpus: float, cpus: float) -> int:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             try:
-                for _computed, node in ray.get(done):
-                    nodes.add(node)
+                for _computed, where in ray.get(done):
+                    if where.get("device_note") and where["node_id"] not in ctx.device_notes:
+                        ctx.device_notes[where["node_id"]] = where["device_note"]
+                        bar.write(f"warning: extraction on {where['device_note']}",
+                                  file=sys.stderr)
+                    nodes.add(where["node_id"])
             except Exception as e:
                 for ref in pending:
                     ray.cancel(ref)
@@ -99,13 +103,15 @@ def where_am_i(ctx) -> dict[str, str]:
     run, so a cluster search shows where its trials ran."""
     import ray
 
+    from search.devices import worker_device
+
     rc = ray.get_runtime_context()
-    device = ctx.device
-    if device == "cuda":
-        ids = rc.get_accelerator_ids().get("GPU", [])
-        device = f"cuda:{','.join(map(str, ids))}" if ids else "cuda"
-    return {"node_id": rc.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "device": device}
+    dev = worker_device(ctx.device)
+    where = {"node_id": rc.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+             "device": dev.label}
+    if dev.note:   # a GPU Ray assigned that torch cannot use: this worker runs on CPU
+        where["device_note"] = dev.note
+    return where
 
 
 def _trainable(config: dict, ctx=None) -> None:
