@@ -1,16 +1,22 @@
-"""Search spaces: the YAML ``space`` block -> Optuna distributions, and back to full params."""
+"""Search spaces: the YAML ``space`` block -> Optuna distributions, and back to full params.
+
+Optuna is imported where a distribution is made, not at import: the benches (``sample_value``)
+also run where only torch is installed (the GPU device check, docs/gpu.md)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from search.config import CategoricalParam, FloatParam, IntParam, SpaceParam
 
+if TYPE_CHECKING:
+    import optuna
+
 
 def to_distribution(p: SpaceParam) -> optuna.distributions.BaseDistribution:
+    import optuna
+
     if isinstance(p, IntParam):
         return optuna.distributions.IntDistribution(p.low, p.high, step=p.step, log=p.log)
     if isinstance(p, FloatParam):
