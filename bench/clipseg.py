@@ -2,6 +2,7 @@
 
     python bench/clipseg.py                    # 8 images, 64 trials (3-4 min, 1 thread)
     python bench/clipseg.py --images 2 --trials 8 --naive-trials 1     # quick look
+    python bench/clipseg.py --device cuda      # the model on the GPU (bench/device_check.sh)
 
 Trials sample every ``attention`` variant of the YAML (the CRA rows and the family's blocks);
 the output gives decode ms per variant.
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import smooth_image
+from bench.common import add_device_args, device_line, smooth_image, start_device, tiny_segmenter
 from methods.base import ClassSet
 from methods.clipseg.reference import full_forward_labels
 from methods.clipseg.segmenter import ClipSegSegmenter
@@ -51,14 +52,16 @@ VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "c
        "train", "tvmonitor")
 
 
-def trials(n: int, seed: int) -> list[dict]:
+def trials(n: int, seed: int, layers: int = 12) -> list[dict]:
+    """Trial 0: the paper's defaults; then YAML samples (``layer`` kept below ``layers``: the
+    tiny ViT of ``--tiny`` has fewer blocks than ViT-B/16's 12)."""
     resolved = resolve(load_method_spec("clipseg"), backbone="openai-vit-b16", dataset="voc21")
     rng = np.random.default_rng(seed)
     out = [dict(resolved.defaults)]
     while len(out) < n:
         out.append({**resolved.defaults,
                     **{k: sample_value(p, rng) for k, p in resolved.space.items()}})
-    return out[:n]
+    return [{**p, "layer": min(int(p["layer"]), layers - 1)} for p in out[:n]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,26 +78,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both ways (1: as one Ray trial per CPU; 0: default)")
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = start_device(args.device)
     h, w = (int(v) for v in args.size.split("x"))
 
     torch.manual_seed(args.seed)
-    model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
-    seg = ClipSegSegmenter(model, "ViT-B-16", {"name": "vit-b16-random"},
-                           {"protocol": args.protocol, "short_side": args.short_side,
-                            "templates": "simple"})
+    settings = {"protocol": args.protocol, "short_side": args.short_side, "templates": "simple"}
+    if args.tiny:
+        h, w = 60, 80
+        seg = tiny_segmenter("clipseg", device, {**settings, "short_side": 64, "window": 32,
+                                                 "stride": 16})
+        model_name = "the tiny open_clip ViT of conf/methods/clipseg.yaml"
+    else:
+        model = open_clip.create_model("ViT-B-16", pretrained=None, device=device).eval()
+        seg = ClipSegSegmenter(model, "ViT-B-16", {"name": "vit-b16-random"}, settings, device)
+        model_name = "open_clip ViT-B-16"
     classes = ClassSet.from_names(VOC, background=True)
     t0 = time.perf_counter()
     seg.text_embeddings(seg.class_names(classes)[0])
     t_text = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
     images = [smooth_image(rng, h, w) for _ in range(args.images)]
-    plan = trials(args.trials, args.seed)
-    print(f"clipseg bench: open_clip ViT-B-16 (random weights), {args.images} images {h}x{w} "
-          f"-> short side {args.short_side}, {args.trials} trials, {torch.get_num_threads()} "
-          f"threads; text embeddings once ({t_text:.1f} s, not counted in either)")
+    plan = trials(args.trials, args.seed, seg.num_layers)
+    print(f"clipseg bench: {model_name} (random weights) on {device}, {args.images} images "
+          f"{h}x{w} -> short side {seg.settings['short_side']}, {args.trials} trials, "
+          f"{torch.get_num_threads()} threads; text embeddings once ({t_text:.1f} s, not "
+          "counted in either)")
 
     # Image by image, ours then the naive subset, so that a change of machine load hits both.
     k = max(1, min(args.naive_trials, len(plan)))
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
           f"label agreement with ours (float16 evidence) {100 * np.mean(agree):.2f}%")
     mb = float(np.mean(evidence_mb))
     print(f"evidence: {mb:.1f} MB per image (float16; max {max(evidence_mb):.1f})")
+    print(device_line(device, args.images, t_extract, len(plan), t_decode))
     print(f"ratio={naive / ours:.1f} evidence_mb={mb:.1f}")
     return 0
 

@@ -37,3 +37,46 @@ def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     big = torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)
     noise = torch.from_numpy(rng.normal(0, 12, (3, h, w)).astype(np.float32))[None]
     return (big + noise).clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def add_device_args(ap) -> None:
+    """``--device`` (where the model runs: cpu, cuda, cuda:N) and ``--tiny`` (the method's tiny
+    backbone from its YAML and a small image: the CPU dry run of bench/device_check.sh)."""
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tiny backbone of conf/methods/<method>.yaml, images 60x80: a "
+                         "seconds-long dry run of the bench's code, not a measurement")
+
+
+def start_device(device: str) -> str:
+    """``device`` checked (methods.infer.check_device: one line when torch cannot use it), its
+    peak memory counter reset."""
+    from methods.infer import check_device
+
+    device = check_device(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
+def device_line(device: str, images: int, t_extract: float, trials: int, t_decode: float) -> str:
+    """The line bench/device_check.sh collects: extraction images/s, decode ms per trial (one
+    trial decodes every image) and per image, and on CUDA the peak GPU memory (MiB) since
+    :func:`start_device`."""
+    peak = (f" peak_gpu_mib={torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
+            if device.startswith("cuda") else "")
+    return (f"device={device} extract_img_per_s={images / t_extract:.3f} "
+            f"decode_ms_per_trial={1000 * t_decode / trials:.1f} "
+            f"decode_ms_per_image={1000 * t_decode / (trials * images):.1f}{peak}")
+
+
+def tiny_segmenter(method: str, device: str, settings: dict | None = None):
+    """The method's ``tiny`` backbone (its smoke preset) with ``settings`` on top."""
+    from methods import get_segmenter_class
+    from search.config import load_method_spec, resolve
+
+    spec = load_method_spec(method)
+    smoke = spec.presets["smoke"]
+    r = resolve(spec, backbone=smoke.backbone, dataset="voc21", preset=smoke)
+    return get_segmenter_class(method).from_spec(r.backbone, {**r.settings, **(settings or {})},
+                                                 device)

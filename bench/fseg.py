@@ -4,6 +4,7 @@
     python bench/fseg.py --layers 4 --images 1  # what a shared machine allows (10.6 GB)
     python bench/fseg.py --images 1 --trials 4 --layers 2 --width 512 --vision-layers 4 --quick
     python bench/fseg.py --precision 40         # float16 vs float32 evidence on the tiny models
+    python bench/fseg.py --device cuda --layers 32   # LLaVA-1.5-7B's depth, float16, on the GPU
 
 Models (random weights, no download), built by the method's own loader from a ``tiny:`` block:
 - LLaVA-1.5 shape: CLIP ViT-L/14-336 vision tower (24 blocks, width 1024, 576 image tokens),
@@ -47,7 +48,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import smooth_image, steady_malloc  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_device_args,
+    device_line,
+    smooth_image,
+    start_device,
+    steady_malloc,
+)
+from bench.real_size import build_fseg  # noqa: E402
 from methods.base import ClassSet, Evidence  # noqa: E402
 from methods.fseg.qap import canonical_answer, question_ids  # noqa: E402
 from methods.fseg.reference import straight_labels  # noqa: E402
@@ -163,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", type=int, default=0, metavar="N",
                     help="measure float16 vs float32 evidence on N tiny images per model "
                          "(--trials knob samples each) instead of the timing bench")
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.precision:
         return precision(args)
     alloc = steady_malloc(argv)
+    device = start_device(args.device)
     h, w = (int(v) for v in args.size.split("x"))
     heads = max(1, args.width // 128)
     vis = ({"vision_width": 256, "vision_layers": 4, "vision_heads": 4,
@@ -178,20 +188,23 @@ def main(argv: list[str] | None = None) -> int:
             "intermediate": int(args.width * 2.6875), "vocab_size": 32064}
     backbone = {"name": "bench", "tiny": tiny, "sam": "tiny" if args.quick else "vit_b",
                 "sam_random": True}
+    if args.tiny:
+        h, w = 60, 80
+        backbone = {"name": "bench-tiny", "tiny": {"arch": "llava"}, "sam": "tiny"}
     t0 = time.perf_counter()
-    seg = FSegSegmenter.from_spec(backbone, {"presence_source": "model", "qa": "auto",
-                                             "max_new_tokens": 32, "evidence_dtype": "float16",
-                                             "seed": args.seed,
-                                             "decode_threads": args.decode_threads,
-                                             "class_batch": args.class_batch})
+    seg = build_fseg(backbone, {"presence_source": "model", "qa": "auto",
+                                "max_new_tokens": 32, "evidence_dtype": "float16",
+                                "seed": args.seed, "decode_threads": args.decode_threads,
+                                "class_batch": args.class_batch}, device)
     model = seg.llava.model.model
-    print(f"fseg bench: LLM {args.layers} Llama blocks x width {args.width} "
+    print(f"fseg bench: LLM {seg.num_layers} Llama blocks x width "
+          f"{model.language_model.config.hidden_size} "
           f"({params_m(model.language_model):.0f} M params), vision tower "
           f"{params_m(model.vision_tower):.0f} M, SAM {backbone['sam']} "
-          f"{params_m(seg.sam):.0f} M (random weights, built in {time.perf_counter() - t0:.0f} s)"
-          f"; {args.images} images {h}x{w}, 4 classes (3 answered yes) + background, "
-          f"presence from the model's QAP (scripted answers), {args.trials} trials, "
-          f"{torch.get_num_threads()} threads; {alloc}")
+          f"{params_m(seg.sam):.0f} M (random weights, {seg.llava.dtype}, on {device}, built "
+          f"in {time.perf_counter() - t0:.0f} s); {args.images} images {h}x{w}, 4 classes (3 "
+          f"answered yes) + background, presence from the model's QAP (scripted answers), "
+          f"{args.trials} trials, {torch.get_num_threads()} threads; {alloc}")
     classes = ClassSet.from_names(["cat", "dog", "person", "bird"], background=True)
     answers = {n: canonical_answer(n) for n in ("cat", "dog", "person")}
     script = ScriptedQAP(seg, {**answers, "bird": "no."})
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     present = None                                  # presence from the model, both sides
     rng = np.random.default_rng(args.seed)
     images = [smooth_image(rng, h, w) for _ in range(args.images)]
-    plan = trials(args.trials, args.seed, args.layers)
+    plan = trials(args.trials, args.seed, seg.num_layers)
 
     t_extract = t_decode = 0.0
     evidence_mb, evidences = [], []
@@ -237,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     mb = float(np.mean(evidence_mb))
     print(f"evidence: {mb:.2f} MB per image (float16 F_v; float32 attention maps, cosines, "
           f"SAM embedding; max {max(evidence_mb):.2f})")
+    print(device_line(device, args.images, t_extract, len(plan), t_decode))
     print(f"ratio={naive / ours:.1f} evidence_mb={mb:.2f}")
     return 0
 

@@ -6,6 +6,7 @@ reference's own search procedure). ``--one-stage`` runs this file's first bench:
 
     python bench/pnp.py --one-stage                       # 4 images, 5 classes, 64 trials
     python bench/pnp.py --one-stage --images 1 --trials 8 --image-size 224    # quick look
+    python bench/pnp.py --one-stage --device cuda         # the model on the GPU
 
 Model: ``BlipForImageTextRetrieval(BlipConfig())`` with the text encoder's 12 heads of the
 released blip-itm-base checkpoints (BlipConfig's default is 8 heads, the architecture is
@@ -44,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import smooth_image
+from bench.common import add_device_args, device_line, smooth_image, start_device, tiny_segmenter
 from methods.base import ClassSet
 from methods.pnp.backbone import random_model, tiny_tokenizer
 from methods.pnp.reference import naive_segment
@@ -56,14 +57,18 @@ from search.space import sample_value
 CLASSES = ("person", "dog", "car", "pottedplant", "sofa")
 
 
-def trials(n: int, seed: int, drop_iters: int, crf: bool) -> list[dict]:
+def trials(n: int, seed: int, drop_iters: int, crf: bool, layers: int = 12,
+           heads: int = 12) -> list[dict]:
+    """Trial 0: the paper's solution; then draws from the paper's space, layer and head kept
+    within ``layers`` - 1 and ``heads`` (the tiny model of ``--tiny`` is smaller)."""
     r = resolve(load_method_spec("pnp"), backbone="blip-base-flickr", dataset="voc21")
     rng = np.random.default_rng(seed)
     fixed = {"drop_iters": drop_iters, "crf": crf}
     out = [{**r.defaults, **fixed}]
     while len(out) < n:
         out.append({**r.defaults, **fixed, **{k: sample_value(p, rng) for k, p in r.space.items()}})
-    return out[:n]
+    return [{**p, "layer": min(int(p["layer"]), layers - 1), "head": min(int(p["head"]), heads)}
+            for p in out[:n]]
 
 
 def one_stage(argv: list[str] | None = None) -> int:
@@ -80,26 +85,36 @@ def one_stage(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="375x500", help="image HxW before resizing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = start_device(args.device)
     h, w = (int(v) for v in args.size.split("x"))
 
     from transformers import BlipConfig
 
     t0 = time.perf_counter()
-    vlm = random_model("blip", BlipConfig(text_config={"num_attention_heads": 12}),
-                       tiny_tokenizer("blip"), args.seed)
-    seg = PnPSegmenter(vlm, {"name": "blip-base-random"}, {"image_size": args.image_size})
+    if args.tiny:
+        h, w = 60, 80
+        seg = tiny_segmenter("pnp", device, {"drop_k": 3})
+        vlm, model_name = seg.vlm, "the tiny BLIP ITM of conf/methods/pnp.yaml"
+    else:
+        vlm = random_model("blip", BlipConfig(text_config={"num_attention_heads": 12}),
+                           tiny_tokenizer("blip"), args.seed, device)
+        seg = PnPSegmenter(vlm, {"name": "blip-base-random"}, {"image_size": args.image_size},
+                           device)
+        model_name = "BLIP-base ITM"
     t_build = time.perf_counter() - t0
     classes = ClassSet.from_names(CLASSES, background=True)
     present = list(classes.foreground)
     rng = np.random.default_rng(args.seed)
     images = [smooth_image(rng, h, w) for _ in range(args.images)]
-    plan = trials(args.trials, args.seed, args.drop_iters, args.crf)
+    plan = trials(args.trials, args.seed, args.drop_iters, args.crf, vlm.layers, vlm.heads)
     chains = {(p["layer"], p["head"], p["drop_iters"]) for p in plan}
-    print(f"pnp bench: BLIP-base ITM (random weights, {vlm.layers} text layers x {vlm.heads} "
-          f"heads), {args.images} images {h}x{w} -> {args.image_size}px "
+    print(f"pnp bench: {model_name} (random weights, {vlm.layers} text layers x {vlm.heads} "
+          f"heads) on {device}, {args.images} images {h}x{w} -> "
+          f"{seg.settings['image_size']}px "
           f"({seg.grid}x{seg.grid} patches), {len(CLASSES)} classes, {len(plan)} trials with "
           f"D={args.drop_iters}, crf={'on' if args.crf else 'off'}, {torch.get_num_threads()} "
           f"threads; model built in {t_build:.1f} s (not counted)")
@@ -156,6 +171,7 @@ def one_stage(argv: list[str] | None = None) -> int:
           f"ratio {per_same * n / ours_total:.2f}")
     print(f"evidence: {mb:.2f} MB per image on disk (base + {len(chains)} chains; "
           f"base {ev.nbytes() / 1e6:.2f} MB, one chain {extra.nbytes() / 1e6:.3f} MB)")
+    print(device_line(device, args.images, t_extract, len(plan), t_extend + t_decode))
     print(f"ratio={naive / ours_total:.1f} evidence_mb={mb:.2f}")
     return 0
 
