@@ -10,7 +10,7 @@ tests/test_gpu.py's peak GPU memory of one extraction (and the tiny backbones fo
   bench/pnp.py), 336 px (the reference's size), D = 1 (extract's one pass for every layer and head);
 - fseg: LLaVA-1.5-7B's shape (CLIP ViT-L/14-336, 32 Llama blocks of width 4096, vocabulary
   32064) and SAM ViT-H; on CUDA built on the GPU (fast; other random weights than a CPU build)
-  and cast to float16, as ``settings.dtype: auto`` loads the real model there.
+  in float16, as ``settings.dtype: auto`` loads the real model there.
 Images: 375 x 500 (a usual Pascal VOC size); classes: the VOC 20 + background, three present.
 ``size="tiny"``: the method's ``tiny`` backbone from its YAML instead.
 """
@@ -100,18 +100,16 @@ def _llava_7b(device: str, classes: ClassSet) -> Built:
 
 
 def build_fseg(backbone: dict, settings: dict, device: str):
-    """``FSegSegmenter.from_spec`` with its LLaVA built now (not inside a timed extraction); on
-    CUDA built on the GPU (fast, other random weights than a CPU build) and cast to float16, as
-    ``settings.dtype: auto`` loads a real checkpoint there."""
+    """``FSegSegmenter.from_spec`` with its LLaVA built now (not inside a timed extraction), in
+    ``settings.dtype`` (auto: float16 on CUDA, as a real checkpoint loads there); on CUDA built
+    on the GPU (seconds instead of minutes for 7 B random weights; other random values than a
+    CPU build)."""
     from methods.fseg.segmenter import FSegSegmenter
 
     cuda = str(device).startswith("cuda")
     with torch.device(device) if cuda else contextlib.nullcontext():
         seg = FSegSegmenter.from_spec(backbone, settings, device)
-        llava = seg.llava
-    if cuda:
-        llava.model.half()
-        llava.dtype = torch.float16
+        seg.llava                                                        # noqa: B018 (builds)
     return seg
 
 

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, help="trials running at once (default: "
                    "as many as the cluster's resources allow)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial and extraction task, fractions allowed (default 0)")
+                   help="GPUs per trial (decode only), fractions allowed (default 0)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-extract", type=float, help="GPUs per extraction task (the model "
                    "forward; default: 1 when the cluster has GPUs, else 0). Trials only decode "

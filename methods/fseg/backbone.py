@@ -188,10 +188,11 @@ def check_llava_spec(backbone: Mapping[str, Any]) -> None:
 
 def load_llava(backbone: Mapping[str, Any], seed: int, dtype: str, device: str) -> Llava:
     """The LLaVA of a backbone entry (see the module docstring), in eval mode on ``device``."""
-    if "tiny" in backbone:
+    if "tiny" in backbone:   # built in float32, then in settings.dtype as a checkpoint loads
         out = _tiny_llava(backbone.get("tiny") or {}, seed)
         check_api(out.model)
-        out.model.to(device)
+        out.dtype = model_dtype(dtype, device)
+        out.model.to(device, out.dtype)
         return out
     arch = backbone.get("arch")
     if arch not in ARCHS:
