@@ -188,6 +188,7 @@ ALLOWED = {
     ("search/model.py", "log_tuned_model"): "a TemporaryDirectory, logged as an MLflow model",
     ("search/rerank.py", "proxy_context"): "dataclasses.replace, not a file",
     ("search/rerank.py", "rescore"): "dataclasses.replace, not a file",
+    ("search/trial.py", "on_worker_device"): "dataclasses.replace, not a file",
     ("search/rerank.py", "rerank"): "a TemporaryDirectory, logged as an MLflow artifact",
     ("search/transfer.py", "heatmap"): "called with a TemporaryDirectory (transfer)",
     ("search/transfer.py", "transfer"): "a TemporaryDirectory, logged as an MLflow artifact",
