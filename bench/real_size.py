@@ -101,14 +101,14 @@ def _llava_7b(device: str, classes: ClassSet) -> Built:
 
 def build_fseg(backbone: dict, settings: dict, device: str):
     """``FSegSegmenter.from_spec`` with its LLaVA built now (not inside a timed extraction), in
-    ``settings.dtype`` (auto: float16 on CUDA, as a real checkpoint loads there); on CUDA built
-    on the GPU (seconds instead of minutes for 7 B random weights; other random values than a
-    CPU build)."""
+    ``settings.dtype`` (auto: float16 on CUDA, as a real checkpoint loads there); on CUDA the
+    LLaVA is built on the GPU (seconds instead of minutes for 7 B random weights; other random
+    values than a CPU build)."""
     from methods.fseg.segmenter import FSegSegmenter
 
+    seg = FSegSegmenter.from_spec(backbone, settings, device)     # (SAM: built, then moved)
     cuda = str(device).startswith("cuda")
     with torch.device(device) if cuda else contextlib.nullcontext():
-        seg = FSegSegmenter.from_spec(backbone, settings, device)
         seg.llava                                                        # noqa: B018 (builds)
     return seg
 
