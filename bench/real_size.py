@@ -83,7 +83,7 @@ def build(method: str, device: str, size: str = "real") -> Built:
                      f"336 px, {vlm.layers} x {vlm.heads} layer/heads, image 375x500")
     if method == "fseg":
         return _llava_7b(device, classes)
-    raise ValueError(f"no real-size model for method {method!r}")
+    raise LookupError(f"no real-size model for method {method!r} in bench/real_size.py")
 
 
 def _llava_7b(device: str, classes: ClassSet) -> Built:
