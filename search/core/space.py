@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from search.config import CategoricalParam, FloatParam, IntParam, SpaceParam
+from methods.spec import CategoricalParam, FloatParam, IntParam, SpaceParam
 
 
 def to_distribution(p: SpaceParam) -> optuna.distributions.BaseDistribution:

@@ -40,10 +40,10 @@ class ProgressLine(tune.Callback):
         return d
 
     def _number(self, trial) -> int:
-        from search.tracking import _creation_number
+        from search.record.trials import creation_number
 
         if trial.trial_id not in self._numbers:
-            self._numbers[trial.trial_id] = _creation_number(trial, len(self._numbers))
+            self._numbers[trial.trial_id] = creation_number(trial, len(self._numbers))
         return self._numbers[trial.trial_id]
 
     def line(self) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from methods import get_segmenter_class
 from methods.base import ClassSet, Evidence, OvssError, Segmenter
-from search.cache import EvidenceCache, evidence_key
+from search.core.cache import EvidenceCache, evidence_key
 
 PRESENCE_SOURCES = ("model", "image_labels", "ground_truth")
 
@@ -39,7 +39,7 @@ def read_item(data, i: int, dense: bool) -> ImageItem:
     """Image ``i`` of a data set as an :class:`ImageItem`, reading the image (and, ``dense``, its
     label map) once, so a corrupt file or a label map of the wrong size is a one-line error
     before any Ray work."""
-    from search.cache import file_hash
+    from search.core.cache import file_hash
 
     image = data.image(i)
     if dense:
@@ -91,6 +91,18 @@ class SearchContext:
         return evidence_key(item.image_hash, self.method, self.settings_key,
                             {"present": self.extract_present(item), **knobs})
 
+
+
+def settings_key(ctx: SearchContext) -> dict:
+    """Every input of extract besides the image: the backbone spec, settings and classes, with
+    the identity of the weights they name (hub commit, or a local checkpoint's size, mtime and
+    sha256). ``ctx.settings_key`` is set to it, so a search, an evaluation and a re-ranking of
+    the same backbone, settings and classes share evidence."""
+    from search.core.cache import weights_identity
+
+    return {"backbone": ctx.backbone, "settings": ctx.settings, "classes": ctx.classes,
+            "weights": weights_identity(ctx.backbone),
+            "settings_weights": weights_identity(ctx.settings)}
 
 _MEMO: dict[str, Any] = {}
 
@@ -227,7 +239,7 @@ def check_prediction(pred: np.ndarray, image_shape: Sequence[int], n_classes: in
 def evaluate(ctx: SearchContext, params: Mapping[str, Any],
              report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Decode every tuning image with ``params`` and report the score after each rung."""
-    from search.space import full_params
+    from search.core.space import full_params
 
     seg = get_segmenter(ctx)
     knobs = full_params(ctx.defaults, params)
