@@ -1,5 +1,5 @@
-"""Phase 2 of a search, the extraction pass: Ray tasks fill the evidence cache for every image
-not in it yet (the expensive, knob-independent model work, once per image).
+"""Phase 4 of a search (docs/architecture.md), the extraction pass: Ray tasks fill the evidence
+cache for every image not in it yet (the expensive, knob-independent model work, once per image).
 
 Also used by the re-ranking (the full pipeline's evidence) and by scoring a config
 (:mod:`search.engine.scoring`)."""

@@ -1,8 +1,8 @@
-"""Phase 5 and 7 of a search, its outputs on the parent run: the best config (YAML artifact),
-Optuna's plots, the overlays, the fidelity scatter of a label-free search; then, once the held-out
-images are scored, the description (best config, holdout comparison, export command) and the
-MLflow model. When the store failed during the search, the best config goes to disk instead for
-``python -m search.sync``."""
+"""Phases 7 and 8 of a search (docs/architecture.md), its outputs on the parent run: the best config
+(YAML artifact), Optuna's plots, the overlays, the fidelity scatter of a label-free search; then,
+once the held-out images are scored, the description (best config, holdout comparison, export
+command) and the MLflow model. When the store failed during the search, the best config goes to disk
+instead for ``python -m search.sync``."""
 
 from __future__ import annotations
 

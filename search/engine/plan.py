@@ -1,6 +1,6 @@
-"""Phase 1 of a search, the plan: every input validated (method spec, ``--set``, data set,
-images, reward, flags), held-out images chosen, before Ray starts. Each failure is one
-``OvssError`` line naming the flag or key."""
+"""Phase 1 of a search (docs/architecture.md), the plan: every input validated (method spec,
+``--set``, data set, images, reward, flags), held-out images chosen, before Ray starts. Each failure
+is one ``OvssError`` line naming the flag or key."""
 
 from __future__ import annotations
 

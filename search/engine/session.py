@@ -1,5 +1,5 @@
-"""The Ray session of a search or an evaluation: start or join Ray, stop it fast, the resources
-extraction and trials ask for.
+"""Phase 2 of a search (docs/architecture.md), and of an evaluation: the Ray session: start or join
+Ray, stop it fast, the resources extraction and trials ask for.
 
 Entry points and the engine start Ray through :func:`init_ray` and stop what they started with
 :func:`shutdown_ray`; nothing else calls ``ray.init`` / ``ray.shutdown``.

@@ -1,6 +1,6 @@
-"""Phase 3 of a search, tuning: a Ray Tune ``Tuner`` with Optuna's sampler (the paper defaults
-enqueued as trial 0) and ASHA over growing image subsets; each trial decodes cached evidence and
-scores it (:func:`search.core.trial.evaluate`)."""
+"""Phase 5 of a search (docs/architecture.md), tuning: a Ray Tune ``Tuner`` with Optuna's sampler
+(the paper defaults enqueued as trial 0) and ASHA over growing image subsets; each trial decodes
+cached evidence and scores it (:func:`search.core.trial.evaluate`)."""
 
 from __future__ import annotations
 
