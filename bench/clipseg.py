@@ -44,8 +44,9 @@ from bench.common import add_device_args, device_line, smooth_image, start_devic
 from methods.base import ClassSet
 from methods.clipseg.reference import full_forward_labels
 from methods.clipseg.segmenter import ClipSegSegmenter
-from search.config import load_method_spec, resolve
-from search.space import sample_value
+from methods.spec import load_method_spec
+from search.core.config import resolve
+from search.core.space import sample_value
 
 VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
        "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

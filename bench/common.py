@@ -73,7 +73,8 @@ def device_line(device: str, images: int, t_extract: float, trials: int, t_decod
 def tiny_segmenter(method: str, device: str, settings: dict | None = None):
     """The method's ``tiny`` backbone (its smoke preset) with ``settings`` on top."""
     from methods import get_segmenter_class
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
 
     spec = load_method_spec(method)
     smoke = spec.presets["smoke"]

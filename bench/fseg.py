@@ -60,8 +60,9 @@ from methods.base import ClassSet, Evidence  # noqa: E402
 from methods.fseg.qap import canonical_answer, question_ids  # noqa: E402
 from methods.fseg.reference import straight_labels  # noqa: E402
 from methods.fseg.segmenter import FSegSegmenter  # noqa: E402
-from search.config import load_method_spec, resolve  # noqa: E402
-from search.space import sample_value  # noqa: E402
+from methods.spec import load_method_spec  # noqa: E402
+from search.core.config import resolve  # noqa: E402
+from search.core.space import sample_value  # noqa: E402
 
 
 def trials(n: int, seed: int, layers: int) -> list[dict]:

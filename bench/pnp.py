@@ -19,8 +19,9 @@ reference's inference setting, top-10 patches per iteration), CRF off by default
 search scores maps without CRF; --crf turns it on, it costs the same in both ways).
 
 - ours:  extract every image once (one forward + backward for all 12 x 12 layer/heads), then per
-  trial: the drop chain of (layer, head, D) from the evidence cache (search/cache.py, on disk) or,
-  on a miss, ``extend`` (D - 1 passes, backward only down to that layer), then ``decode``.
+  trial: the drop chain of (layer, head, D) from the evidence cache (search/core/cache.py, on
+  disk) or, on a miss, ``extend`` (D - 1 passes, backward only down to that layer), then
+  ``decode``.
 - naive: per trial the whole pipeline (methods/pnp/reference.py: D passes, each the reference
   code's GradCAM pass with a full backward to the image), as the paper's code runs one
   configuration (which also computes every weight gradient: this is a lower bound of its cost).
@@ -46,29 +47,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_device_args, device_line, smooth_image, start_device, tiny_segmenter
+from bench.pnp_common import CLASSES, trials
 from methods.base import ClassSet
 from methods.pnp.backbone import random_model, tiny_tokenizer
 from methods.pnp.reference import naive_segment
 from methods.pnp.segmenter import PnPSegmenter
-from search.cache import EvidenceCache, evidence_key
-from search.config import load_method_spec, resolve
-from search.space import sample_value
-
-CLASSES = ("person", "dog", "car", "pottedplant", "sofa")
-
-
-def trials(n: int, seed: int, drop_iters: int, crf: bool, layers: int = 12,
-           heads: int = 12) -> list[dict]:
-    """Trial 0: the paper's solution; then draws from the paper's space, layer and head kept
-    within ``layers`` - 1 and ``heads`` (the tiny model of ``--tiny`` is smaller)."""
-    r = resolve(load_method_spec("pnp"), backbone="blip-base-flickr", dataset="voc21")
-    rng = np.random.default_rng(seed)
-    fixed = {"drop_iters": drop_iters, "crf": crf}
-    out = [{**r.defaults, **fixed}]
-    while len(out) < n:
-        out.append({**r.defaults, **fixed, **{k: sample_value(p, rng) for k, p in r.space.items()}})
-    return [{**p, "layer": min(int(p["layer"]), layers - 1), "head": min(int(p["head"]), heads)}
-            for p in out[:n]]
+from search.core.cache import EvidenceCache, evidence_key
 
 
 def one_stage(argv: list[str] | None = None) -> int:

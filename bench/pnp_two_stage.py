@@ -9,7 +9,7 @@ Model, images, classes and the trial draw are those of the one-stage bench (benc
 Every image gets a fixed synthetic label map (blocks of the 5 classes and background) so trials
 have an mIoU to be ranked by; the timings do not depend on it.
 
-- ours (search/rerank.py): stage 1, the proxy of conf/methods/pnp.yaml (``drop_iters: 1``,
+- ours (search/engine/rerank.py): stage 1, the proxy of conf/methods/pnp.yaml (``drop_iters: 1``,
   ``crf: false``, its settings): extract every image once, then per trial decode and score
   (no extend: D = 1); stage 2, the --rerank-top best trials with the full pipeline (D = 4, CRF):
   extract again if the proxy's settings change the evidence key, then per trial and image the
@@ -38,15 +38,16 @@ import numpy as np
 import torch
 
 from bench.common import smooth_image
-from bench.pnp import CLASSES, trials
+from bench.pnp_common import CLASSES, trials
 from methods.base import ClassSet
 from methods.pnp.backbone import random_model, tiny_tokenizer
 from methods.pnp.reference import naive_segment, single_head_gradcam
 from methods.pnp.segmenter import PnPSegmenter
+from methods.spec import load_method_spec
 from rewards.miou import MiouAccumulator
-from search.cache import EvidenceCache, evidence_key
-from search.config import load_method_spec, resolve, resolve_proxy
-from search.rerank import pick_winner, rerank_report
+from search.core.cache import EvidenceCache, evidence_key
+from search.core.config import resolve, resolve_proxy
+from search.engine.rerank import pick_winner, rerank_report
 
 
 def block_labels(rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:

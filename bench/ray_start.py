@@ -1,6 +1,6 @@
 """What a search pays to start and stop its local Ray, with and without the two changes of
-``search.orchestrate``: ``LOCAL_RAY_ENV`` (the raylet's retry interval for its first connection to
-its object store; idle workers started with the raylet) and ``shutdown_ray`` (the autoscaler
+``search.engine.session``: ``LOCAL_RAY_ENV`` (the raylet's retry interval for its first connection
+to its object store; idle workers started with the raylet) and ``shutdown_ray`` (the autoscaler
 monitor killed first).
 
     python bench/ray_start.py            # 8 starts and stops of each kind, interleaved
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def _one(fast: bool) -> tuple[float, float]:
     import ray
 
-    from search.orchestrate import init_ray, shutdown_ray
+    from search.engine.session import init_ray, shutdown_ray
 
     t0 = time.perf_counter()
     if fast:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=8)
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from search.orchestrate import LOCAL_RAY_ENV
+    from search.engine.session import LOCAL_RAY_ENV
 
     if any(k in os.environ for k in LOCAL_RAY_ENV):
         raise SystemExit(f"unset {', '.join(LOCAL_RAY_ENV)} first: they are what is measured")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[fast].append(_one(fast))
     low = min(s for r in rows.values() for s, _ in r)
     med = {}
-    for fast, name in ((False, "Ray's defaults"), (True, "search.orchestrate")):
+    for fast, name in ((False, "Ray's defaults"), (True, "search.engine.session")):
         starts = [s for s, _ in rows[fast]]
         stops = [s for _, s in rows[fast]]
         med[fast] = (statistics.median(starts), statistics.median(stops))

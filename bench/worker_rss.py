@@ -5,9 +5,10 @@
 
 The real-size open_clip ViT-B/16 with random weights (saved as a local checkpoint, loaded with
 ``backbone.path``, as ``bench/search.py``), a generated VOC-layout data set of ``--images``
-images (375 x 500). A first process runs the extraction pass (``search.trial.extract_item``: the
-evidence and the decode head go to the cache); then each mode runs in a fresh Python process,
-as a Tune trial worker does: ``search.trial.evaluate`` with the paper's defaults on every image.
+images (375 x 500). A first process runs the extraction pass
+(``search.core.trial.extract_item``: the evidence and the decode head go to the cache); then each
+mode runs in a fresh Python process, as a Tune trial worker does: ``search.core.trial.evaluate``
+with the paper's defaults on every image.
 Its peak RSS is read from ``/proc/self/status`` (VmHWM); ``worker/max_rss_mb`` (ru_maxrss) is
 printed too (the processes are started by this small one, so it is not inflated by a parent).
 
@@ -45,8 +46,9 @@ def hwm_mb() -> float:
 def context(root: Path, images: int):
     """The search context of the bench's search (planned again in each process: the plan is
     deterministic, and nothing is unpickled)."""
-    from search.orchestrate import search_context
-    from search.run import build_parser, plan_search
+    from search.engine.plan import plan_search
+    from search.engine.search import search_context
+    from search.run import build_parser
 
     os.chdir(root)
     plan = plan_search(build_parser().parse_args(
@@ -62,7 +64,7 @@ def extract(root: Path, images: int) -> dict:
     import open_clip
     import torch
 
-    import search.trial as trial
+    import search.core.trial as trial
     from methods.io import atomic_write
     from search.data.synthetic import make_dataset
 
@@ -88,7 +90,7 @@ def extract(root: Path, images: int) -> dict:
 
 def worker(mode: str, root: Path, images: int) -> dict:
     """One fresh trial worker: evaluate the defaults on cached evidence."""
-    import search.trial as trial
+    import search.core.trial as trial
     from methods.clipseg.segmenter import ClipSegSegmenter
 
     if mode == "full":                      # the worker before the decode head

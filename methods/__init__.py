@@ -1,50 +1,25 @@
-"""Method families: each sub-package exposes ``SEGMENTER``, a :class:`methods.base.Segmenter`.
+"""Method families and what they share: the Segmenter protocol, the method registry, the method
+spec (``conf/methods/<name>.yaml``), image I/O and running a tuned config.
 
-``get_segmenter_class("clipseg")`` imports ``methods.clipseg`` lazily, so a user of one method does
-not pay for the imports of the others. ``load_segmenter(path)`` builds a ready segmenter from a
-config exported by ``python -m search.export``.
+Each method family is a sub-package ``methods/<name>/`` that exposes ``SEGMENTER``, a
+:class:`methods.base.Segmenter`. ``get_segmenter_class("clipseg")`` imports ``methods.clipseg``
+lazily (:mod:`methods.registry`), so a user of one method does not pay for the imports of the
+others. ``load_segmenter(path)`` builds a ready segmenter from a config exported by
+``python -m search.export`` (:mod:`methods.infer`).
+
+May import: ``methods.*``, torch and the model libraries. Never ``search``, ``rewards``,
+``bench`` or ``tests``, and never Ray, Optuna or MLflow, except :mod:`methods.model_uri`, which
+reads a tuned config back from a registered MLflow model (only for a ``models:/`` URI). So a
+method can be used alone, in a notebook, without the search.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 from methods.base import ClassSet, Evidence, OvssError, Segmenter
-
-METHODS = ("pnp", "clipseg", "fseg")
+from methods.registry import METHODS, get_segmenter_class, known_methods, method_module_name
 
 __all__ = ["METHODS", "ClassSet", "Evidence", "OvssError", "Segmenter", "get_segmenter_class",
-           "load_segmenter"]
-
-
-def _extra_methods() -> dict[str, str]:
-    """``OVSS_METHOD_MODULES="toy=tests.toy_method"`` registers methods living outside methods/
-    (used by the platform tests; a user can plug in their own method the same way)."""
-    out = {}
-    for item in os.environ.get("OVSS_METHOD_MODULES", "").split(","):
-        if "=" in item:
-            name, module = item.split("=", 1)
-            out[name.strip()] = module.strip()
-    return out
-
-
-def known_methods() -> list[str]:
-    return [*METHODS, *_extra_methods()]
-
-
-def method_module_name(method: str) -> str:
-    extra = _extra_methods()
-    if method in extra:
-        return extra[method]
-    if method not in METHODS:
-        raise OvssError(f"unknown method {method!r}: choose one of {', '.join(known_methods())}")
-    return f"methods.{method}"
-
-
-def get_segmenter_class(method: str) -> type[Segmenter]:
-    module = importlib.import_module(method_module_name(method))
-    return module.SEGMENTER
+           "known_methods", "load_segmenter", "method_module_name"]
 
 
 def load_segmenter(path, device: str | None = None):

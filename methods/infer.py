@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from methods import get_segmenter_class, method_module_name
 from methods.base import ClassSet, OvssError, check_image
+from methods.registry import get_segmenter_class, method_module_name
 
 REQUIRED = ("method", "backbone", "settings", "params")
 
@@ -42,8 +42,8 @@ class TunedSegmenter:
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str | None = None,
                   tracking_uri: str | None = None) -> TunedSegmenter:
-        if str(path).startswith("models:/"):  # a registered model (search.model); MLflow only here
-            from search.model import config_from_model_uri
+        if str(path).startswith("models:/"):  # a registered model; MLflow only here
+            from methods.mlflow_store import config_from_model_uri
 
             return cls(config_from_model_uri(str(path), tracking_uri), device)
         return cls(read_config_file(path), device, where=f"tuned config {path}")
@@ -88,7 +88,7 @@ def check_tuned_config(config: Mapping[str, Any], where: str = "tuned config") -
     method_module_name(method)  # unknown method: one line naming the known ones (no import)
     if not isinstance(params, Mapping):
         raise OvssError(f"{where}: params must be a mapping of knob: value")
-    from search.config import check_knob_value, load_method_spec
+    from methods.spec import check_knob_value, load_method_spec
 
     spec = load_method_spec(method)
     backbone = config["backbone"] if isinstance(config["backbone"], Mapping) else {}

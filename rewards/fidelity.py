@@ -12,7 +12,8 @@ Given per-trial ``(reward, mIoU)`` pairs of one search (same images for every tr
 - ``fidelity_trials``: the number of trials used. Pairs with a non-finite value (a failed or
   pruned trial) are left out.
 
-No Ray, Optuna or MLflow here; ``search.tune`` logs the dict and the PNG on the parent run.
+No Ray, Optuna or MLflow here; ``search.engine.outputs`` logs the dict and the PNG on the parent
+run.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ constant ``true`` in ``mlflow/server/js/build/static/js/main.c2f5f8d4.js``, webp
 89511, export ``Z0``). With it on, the experiment's kind comes from the UI's workflow switch: the
 ``workflowType`` URL parameter, else the browser's stored choice (localStorage key
 ``mlflow.workflowType_v1``, a JSON string), else ``genai`` (module 7975 of the same file); the
-experiment tag ``mlflow.experimentKind`` that :mod:`search.tracking` sets is read only when the
-flag is off (module 31080). The experiment page then redirects to the GenAI overview for
+experiment tag ``mlflow.experimentKind`` that :mod:`search.record.tracking` sets is read only when
+the flag is off (module 31080). The experiment page then redirects to the GenAI overview for
 ``genai`` and to the runs table for ``machine_learning`` (``experimentPage.20d52159.chunk.js``).
 Nothing a client writes into the store changes that, so this app adds to the UI's single page
 (``index.html``) a script that stores ``machine_learning`` under that key when the browser has no

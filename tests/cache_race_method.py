@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from search.cache import EvidenceCache
+from search.core.cache import EvidenceCache
 from tests.toy_method import ToySegmenter
 
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from methods import METHODS, get_segmenter_class
 from methods.base import ClassSet, Evidence, Segmenter
-from search.config import CategoricalParam, load_method_spec, resolve
+from methods.spec import CategoricalParam, load_method_spec
+from search.core.config import resolve
 
 #: The image every profile segments (H, W): small, not square, not a multiple of a patch.
 IMAGE_SIZE = (45, 61)

@@ -127,8 +127,8 @@ def test_export_is_atomic_and_never_replaces_without_force(workdir, monkeypatch)
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from search.export import export
-    from search.tracking import TAG_ROLE
+    from search.record.export import export
+    from search.record.tracking import TAG_ROLE
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -171,28 +171,32 @@ ALLOWED = {
     ("methods/io.py", "atomic_write"): "the helper itself",
     ("methods/infer.py", "<lambda>"): "PIL writes into the file object atomic_write hands it",
     ("bench/worker_rss.py", "<lambda>"): "torch.save into the file object atomic_write hands it",
-    ("search/cache.py", "_discard"): "renames a damaged entry aside to remove it safely",
-    ("search/tune.py", "log_search_outputs"): "a TemporaryDirectory, logged as an MLflow artifact",
-    ("search/tune.py", "_plots"): "a TemporaryDirectory, logged as an MLflow artifact",
-    ("search/orchestrate.py", "_log_plan"): "a TemporaryDirectory, logged as an MLflow artifact",
-    ("rewards/fidelity.py", "scatter_plot"): "called with a TemporaryDirectory (tune._fidelity)",
+    ("search/core/cache.py", "_discard"): "renames a damaged entry aside to remove it safely",
+    ("search/engine/outputs.py", "log_search_outputs"):
+        "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/engine/outputs.py", "_plots"): "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/engine/search.py", "_log_plan"): "a TemporaryDirectory, logged as an MLflow artifact",
+    ("rewards/fidelity.py", "scatter_plot"): "called with a TemporaryDirectory (outputs._fidelity)",
     ("search/data/synthetic.py", "_write"): "a private temporary directory, renamed whole",
     ("search/data/synthetic.py", "make_dataset"): "renames that directory into place at once",
     ("methods/open_clip_backbone.py", "tiny_model_name"): "a tiny config in a mkdtemp directory",
     ("methods/pnp/presence.py", "_register_tiny"): "a tiny config in a mkdtemp directory",
     ("bench/search.py", "main"): "a random-weight checkpoint in the bench's temporary directory",
-    ("search/backbones.py", "run_backbones"): "a TemporaryDirectory, logged as an MLflow artifact",
-    ("search/evaluate.py", "write_table"): "called with a TemporaryDirectory (evaluate, holdout)",
-    ("search/evaluate.py", "write_overlays"): "called with a TemporaryDirectory (evaluate)",
-    ("search/model.py", "encode_image"): "PNG bytes into an in-memory buffer",
-    ("search/model.py", "log_tuned_model"): "a TemporaryDirectory, logged as an MLflow model",
-    ("search/rerank.py", "proxy_context"): "dataclasses.replace, not a file",
-    ("search/rerank.py", "rescore"): "dataclasses.replace, not a file",
-    ("search/trial.py", "on_worker_device"): "dataclasses.replace, not a file",
-    ("search/rerank.py", "rerank"): "a TemporaryDirectory, logged as an MLflow artifact",
-    ("search/transfer.py", "heatmap"): "called with a TemporaryDirectory (transfer)",
-    ("search/transfer.py", "transfer"): "a TemporaryDirectory, logged as an MLflow artifact",
-    ("search/preflight.py", "check_nodes_see_inputs"): "a probe file, removed right after",
+    ("search/engine/backbones.py", "run_backbones"):
+        "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/record/tables.py", "write_table"):
+        "called with a TemporaryDirectory (evaluate, holdout)",
+    ("search/engine/overlays.py", "write_overlays"): "called with a TemporaryDirectory (evaluate)",
+    ("search/record/model.py", "encode_image"): "PNG bytes into an in-memory buffer",
+    ("search/record/model.py", "log_tuned_model"):
+        "a TemporaryDirectory, logged as an MLflow model",
+    ("search/engine/rerank.py", "proxy_context"): "dataclasses.replace, not a file",
+    ("search/engine/rerank.py", "rescore"): "dataclasses.replace, not a file",
+    ("search/core/trial.py", "on_worker_device"): "dataclasses.replace, not a file",
+    ("search/engine/rerank.py", "rerank"): "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/engine/transfer.py", "heatmap"): "called with a TemporaryDirectory (transfer)",
+    ("search/engine/transfer.py", "transfer"): "a TemporaryDirectory, logged as an MLflow artifact",
+    ("search/core/preflight.py", "check_nodes_see_inputs"): "a probe file, removed right after",
 }
 
 

@@ -348,7 +348,8 @@ def test_local_checkpoint_path_loads_its_weights(tmp_path, seg32):
 
 # --- the YAML ------------------------------------------------------------------------------
 def test_yaml_spec_and_smoke_preset_decode_speed():
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
 
     spec = load_method_spec("clipseg")
     for name in spec.backbones:

@@ -304,7 +304,8 @@ def test_reference_names_only_for_the_data_sets_own_class_set():
 
 def test_one_flag_selects_a_protocol_with_its_per_data_set_values():
     from methods.clipseg.protocols import apply_protocol
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
 
     spec = load_method_spec("clipseg")
     r = resolve(spec, dataset="voc21", overrides={"settings.protocol": "sclip"})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-import search.orchestrate as orch
+import search.engine.session as session
 from search.run import main as run_main
 from tests.procs import free_port, kill_own
 
@@ -31,7 +31,7 @@ def no_ray(monkeypatch):
     def refuse(address):
         raise AssertionError("Ray must not start")
 
-    monkeypatch.setattr(orch, "init_ray", refuse)
+    monkeypatch.setattr(session, "init_ray", refuse)
 
 
 @pytest.mark.parametrize("flag, value, words", [
@@ -134,27 +134,27 @@ def test_resources_fit_the_work(monkeypatch, capsys):
     from methods.base import OvssError
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
-    r = orch.plan_resources(_args())
+    r = session.plan_resources(_args())
     assert r == {"extract_gpus": 1.0, "extract_cpus": 1.0, "trial_gpus": 0.0, "trial_cpus": 1.0}
     assert "the Ray cluster has 2 GPU(s); trials decode on CPU" in capsys.readouterr().err
-    r = orch.plan_resources(_args(gpus_per_trial=0.25, gpus_per_extract=0.5))
+    r = session.plan_resources(_args(gpus_per_trial=0.25, gpus_per_extract=0.5))
     assert (r["extract_gpus"], r["trial_gpus"]) == (0.5, 0.25)
     assert capsys.readouterr().err == ""
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})   # GPUs scale from 0
-    assert orch.plan_resources(_args())["extract_gpus"] == 0.0
+    assert session.plan_resources(_args())["extract_gpus"] == 0.0
     with pytest.raises(OvssError, match=r"--gpus-per-extract 1 asked for, .* 0 GPU\(s\)"):
-        orch.plan_resources(_args(gpus_per_extract=1))
+        session.plan_resources(_args(gpus_per_extract=1))
     asked = []
     monkeypatch.setattr(sdk, "request_resources", lambda bundles: asked.append(bundles))
-    r = orch.plan_resources(_args(gpus_per_extract=1, gpus_per_trial=0.5, autoscale=True))
+    r = session.plan_resources(_args(gpus_per_extract=1, gpus_per_trial=0.5, autoscale=True))
     assert asked == [[{"GPU": 1.0, "CPU": 1.0}, {"GPU": 0.5, "CPU": 1.0}]]
     assert "asked the autoscaler for 1 GPU, 0.5 GPU" in capsys.readouterr().err
 
 
 def test_every_node_must_see_the_cache_and_the_data(ray_session, tmp_path, voc_root):
     from methods.base import OvssError
-    from search.preflight import check_nodes_see_inputs
+    from search.core.preflight import check_nodes_see_inputs
 
     cache = tmp_path / "cache"
     assert check_nodes_see_inputs(cache, [str(voc_root)]) == len(

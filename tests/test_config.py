@@ -6,12 +6,13 @@ import pytest
 import yaml
 
 from methods.base import OvssError
-from search import config as cfg
-from search.space import full_params, optuna_space, trial0
+from methods.spec import conf_dirs, load_method_spec
+from search.core import config as cfg
+from search.core.space import full_params, optuna_space, trial0
 
 
 def test_toy_spec_resolves_with_backbone_defaults():
-    spec = cfg.load_method_spec("toy")
+    spec = load_method_spec("toy")
     r = cfg.resolve(spec, "other")
     assert r.defaults["temp"] == 0.2            # per-backbone default wins
     assert trial0(r.defaults, r.space)["temp"] == 0.2
@@ -19,7 +20,7 @@ def test_toy_spec_resolves_with_backbone_defaults():
 
 
 def test_set_fixes_knob_and_edits_space():
-    spec = cfg.load_method_spec("toy")
+    spec = load_method_spec("toy")
     r = cfg.resolve(spec, None, None, cfg.parse_set(["temp=0.5", "space.pool.high=1",
                                                      "settings.seed=3", "backbone.path=/x"]))
     assert "temp" not in r.space and r.defaults["temp"] == 0.5
@@ -36,25 +37,25 @@ def test_set_fixes_knob_and_edits_space():
     ("temp", "expected key=value"),
 ])
 def test_bad_set_is_one_line_error(item, needle):
-    spec = cfg.load_method_spec("toy")
+    spec = load_method_spec("toy")
     with pytest.raises(OvssError) as e:
         cfg.resolve(spec, None, None, cfg.parse_set([item]))
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_narrowed_space_moves_trial0_inside():
-    r = cfg.resolve(cfg.load_method_spec("toy"), None, None,
+    r = cfg.resolve(load_method_spec("toy"), None, None,
                     cfg.parse_set(["space.thr.low=0.5", "space.mode.choices=[square]"]))
     assert r.defaults["thr"] == 0.5 and r.defaults["mode"] == "square"
 
 
 def test_unknown_backbone_names_choices():
     with pytest.raises(OvssError, match="unknown backbone 'vit-z'.*tiny, other"):
-        cfg.resolve(cfg.load_method_spec("toy"), "vit-z")
+        cfg.resolve(load_method_spec("toy"), "vit-z")
 
 
 def _write_spec(tmp_path, monkeypatch, mutate):
-    raw = yaml.safe_load((cfg.conf_dirs()[0] / "methods" / "toy.yaml").read_text())
+    raw = yaml.safe_load((conf_dirs()[0] / "methods" / "toy.yaml").read_text())
     mutate(raw)
     d = tmp_path / "conf" / "methods"
     d.mkdir(parents=True)
@@ -65,7 +66,7 @@ def _write_spec(tmp_path, monkeypatch, mutate):
 def test_space_low_above_high_in_yaml(tmp_path, monkeypatch):
     _write_spec(tmp_path, monkeypatch, lambda r: r["space"]["temp"].update(low=2.0, high=1.0))
     with pytest.raises(OvssError) as e:
-        cfg.load_method_spec("toy")
+        load_method_spec("toy")
     msg = str(e.value)
     assert "space.temp" in msg and "low 2.0 is above high 1.0" in msg and "\n" not in msg
 
@@ -73,14 +74,14 @@ def test_space_low_above_high_in_yaml(tmp_path, monkeypatch):
 def test_default_outside_space(tmp_path, monkeypatch):
     _write_spec(tmp_path, monkeypatch, lambda r: r["defaults"].update(thr=0.99))
     with pytest.raises(OvssError, match="default thr=0.99 .* outside"):
-        cfg.resolve(cfg.load_method_spec("toy"))
+        cfg.resolve(load_method_spec("toy"))
 
 
 def test_space_knob_without_default(tmp_path, monkeypatch):
     _write_spec(tmp_path, monkeypatch,
                 lambda r: r["space"].update(ghost={"type": "int", "low": 0, "high": 1}))
     with pytest.raises(OvssError, match="space.ghost: knob has no entry in defaults"):
-        cfg.load_method_spec("toy")
+        load_method_spec("toy")
 
 
 def test_shipped_method_specs_are_valid():
@@ -89,7 +90,7 @@ def test_shipped_method_specs_are_valid():
 
     for m in METHODS:
         if (CONF_DIR / "methods" / f"{m}.yaml").is_file():
-            spec = cfg.load_method_spec(m)
+            spec = load_method_spec(m)
             for b in spec.backbones:
                 r = cfg.resolve(spec, b)
                 assert r.space, f"{m}/{b} searches nothing"
@@ -99,8 +100,8 @@ def test_shipped_method_specs_are_valid():
 def test_sample_value_stays_in_space_on_its_grid():
     import numpy as np
 
-    from search.config import CategoricalParam, FloatParam, IntParam
-    from search.space import sample_value
+    from methods.spec import CategoricalParam, FloatParam, IntParam
+    from search.core.space import sample_value
 
     rng = np.random.default_rng(0)
     stepped = FloatParam(type="float", low=0.05, high=0.45, step=0.1)

@@ -8,8 +8,8 @@ Every case must satisfy:
 - ``extract``: Evidence of torch tensors and JSON-serialisable meta; ``decode``: H x W int64,
   values in [0, len(classes));
 - determinism: the same image gives bit-identical evidence and label maps;
-- a cache round trip (``search.cache.EvidenceCache`` put, then get from a fresh cache that reads
-  the file) decodes to the same label map;
+- a cache round trip (``search.core.cache.EvidenceCache`` put, then get from a fresh cache that
+  reads the file) decodes to the same label map;
 - ``decode(extract(x), p)`` equals the straight pipeline with float32 evidence;
 - float16 evidence agrees with float32 on at least ``FP16_AGREEMENT`` of the pixels.
 """
@@ -26,8 +26,9 @@ import pytest
 import torch
 
 from methods.base import ClassSet, Evidence, Segmenter
-from search.cache import EvidenceCache
-from search.config import load_method_spec, resolve
+from methods.spec import load_method_spec
+from search.core.cache import EvidenceCache
+from search.core.config import resolve
 
 #: float16 evidence must give the float32 label on at least this fraction of the pixels.
 FP16_AGREEMENT = 0.99

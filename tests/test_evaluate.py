@@ -10,14 +10,14 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from search.engine.holdout import holdout_count
 from search.evaluate import main as evaluate_main
-from search.holdout import holdout_count
 
 TUNED = {"temp": 0.12, "thr": 0.45, "mode": "square", "pool": 2}
 PAPER = {"temp": 0.1, "thr": 0.3, "mode": "linear", "pool": 1}   # tests/conf/methods/toy.yaml
 
 
-def _config(path, params=TUNED, **extra):
+def tuned_config(path, params=TUNED, **extra):
     cfg = {"method": "toy", "backbone_name": "tiny", "backbone": {"name": "tiny"},
            "dataset": "voc21", "settings": {"seed": 0, "fail_flag": ""}, "params": dict(params),
            "classes": {"background": True}, "provenance": {"parent_run_id": "abc123"}, **extra}
@@ -56,7 +56,7 @@ def direct_scores(root, params, dataset="voc21", n=None, ids=None):
 
 
 def test_evaluate_with_paper_baseline(ray_session, workdir, voc_root, capsys):
-    cfg = _config(workdir / "tuned.yaml")
+    cfg = tuned_config(workdir / "tuned.yaml")
     rc = evaluate_main(["--config", str(cfg), "--dataset", "voc21", "--data-root", str(voc_root),
                         "--baseline", "paper"])
     out = capsys.readouterr().out
@@ -96,7 +96,7 @@ def test_evaluate_with_paper_baseline(ray_session, workdir, voc_root, capsys):
 
 
 def test_evaluate_max_images(ray_session, workdir, voc_root, capsys):
-    cfg = _config(workdir / "tuned.yaml")
+    cfg = tuned_config(workdir / "tuned.yaml")
     rc = evaluate_main(["--config", str(cfg), "--dataset", "voc21", "--data-root", str(voc_root),
                         "--max-images", "3"])
     assert rc == 0
@@ -110,11 +110,11 @@ def test_evaluate_max_images(ray_session, workdir, voc_root, capsys):
 
 @pytest.mark.parametrize("case", ["missing_knob", "unknown_dataset", "no_run", "bad_split"])
 def test_bad_input_one_line_and_no_run(ray_session, workdir, voc_root, capsys, case):
-    cfg = _config(workdir / "tuned.yaml")
+    cfg = tuned_config(workdir / "tuned.yaml")
     argv = ["--config", str(cfg), "--dataset", "voc21", "--data-root", str(voc_root)]
     if case == "missing_knob":
         params = {k: v for k, v in TUNED.items() if k != "thr"}
-        argv[1] = str(_config(workdir / "bad.yaml", params))
+        argv[1] = str(tuned_config(workdir / "bad.yaml", params))
         want = "lacks knob(s) thr"
     elif case == "unknown_dataset":
         argv[3] = "nosuchset"
@@ -153,7 +153,8 @@ def test_real_method_smoke_clipseg_tiny(ray_session, workdir, voc_root, capsys):
     """The real CLIP CRA+DSI method (tiny random-weight backbone): evaluate --baseline paper
     agrees with whole-image segment() calls counted directly."""
     from methods import get_segmenter_class
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
     from search.data import open_dataset
 
     spec = load_method_spec("clipseg")

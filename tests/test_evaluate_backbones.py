@@ -60,7 +60,7 @@ def test_unknown_backbone_in_list_refused(workdir, voc_root, capsys):
 
 
 def test_all_means_every_backbone():
-    from search.backbones import backbone_names
+    from search.engine.backbones import backbone_names
 
     assert backbone_names("toy", "all") == ["tiny", "other"]
     assert "tiny" not in backbone_names("clipseg", "all")

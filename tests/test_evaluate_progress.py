@@ -1,11 +1,11 @@
-"""The live progress line of a search (search.progress.ProgressLine)."""
+"""The live progress line of a search (search.record.progress.ProgressLine)."""
 
 from __future__ import annotations
 
 import io
 from types import SimpleNamespace
 
-from search.progress import ProgressLine
+from search.record.progress import ProgressLine
 
 
 def _trial(tid: str, number: int):
@@ -32,7 +32,7 @@ def test_counts_pruned_failed_and_best_trial():
 
 
 def test_remaining_time_from_the_pace(monkeypatch):
-    import search.progress as sp
+    import search.record.progress as sp
 
     now = [1000.0]
     monkeypatch.setattr(sp.time, "time", lambda: now[0])

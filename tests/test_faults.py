@@ -113,12 +113,12 @@ def test_resume_of_a_finished_search_is_refused_before_ray(ray_session, workdir,
     argv = _argv(voc_root, "done", 4)
     assert run_main(argv) == 0
     _, parents, children = _runs(workdir)
-    import search.orchestrate as orch
+    import search.engine.session as session
 
     def no_ray(address):
         raise AssertionError("Ray must not start for a refused --resume")
 
-    monkeypatch.setattr(orch, "init_ray", no_ray)
+    monkeypatch.setattr(session, "init_ray", no_ray)
     capsys.readouterr()
     for extra in ([], ["--num-samples", "8"]):
         assert run_main([*argv, *extra, "--resume"]) == 2

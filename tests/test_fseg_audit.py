@@ -12,7 +12,8 @@ import torch
 
 from methods.base import ClassSet, Evidence, OvssError
 from methods.fseg import formulas as fm
-from search.config import load_method_spec, resolve
+from methods.spec import load_method_spec
+from search.core.config import resolve
 
 SPEC = load_method_spec("fseg")
 RNG = np.random.default_rng(10)

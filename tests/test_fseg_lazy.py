@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 import methods.fseg.segmenter as fseg_segmenter
-import search.trial as trial
-from search.orchestrate import search_context
-from search.run import build_parser, plan_search
+import search.core.trial as trial
+from search.engine.plan import plan_search
+from search.engine.search import search_context
+from search.run import build_parser
 
 
 def test_a_trial_worker_never_builds_the_llm_when_the_evidence_is_cached(workdir, monkeypatch):

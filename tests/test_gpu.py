@@ -108,7 +108,7 @@ def extracted(name: str, precision: str, device: str) -> Evidence:
 
 def round_trip(ev: Evidence, method: str, tmp) -> Evidence:
     """``ev`` written to an evidence cache and read back by a fresh one (from the file)."""
-    from search.cache import EvidenceCache
+    from search.core.cache import EvidenceCache
 
     key = hashlib.sha1(repr(sorted(ev.tensors)).encode() + os.urandom(8)).hexdigest()
     EvidenceCache(tmp).put(method, key, ev)
@@ -223,7 +223,8 @@ def test_evidence_decodes_on_the_other_device(case):
 
 def _tuned_config(method: str) -> dict:
     """An exported config of the method's smoke preset (its tiny backbone)."""
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
 
     spec = load_method_spec(method)
     smoke = spec.presets["smoke"]

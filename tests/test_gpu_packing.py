@@ -123,7 +123,7 @@ def test_logical_gpus_pack_two_extractions_and_eight_trials(tmp_path):
 
 def test_local_gpus_is_checked_before_ray(monkeypatch):
     from methods.base import OvssError
-    from search.devices import local_gpus
+    from search.core.devices import local_gpus
 
     monkeypatch.setenv("OVSS_LOCAL_GPUS", "2")
     assert local_gpus(None) == 2
@@ -138,7 +138,7 @@ def test_local_gpus_is_checked_before_ray(monkeypatch):
 
 
 def test_worker_device_outside_ray():
-    from search.devices import worker_device
+    from search.core.devices import worker_device
 
     assert worker_device("cpu").device == "cpu" and not worker_device("cpu").note
     import torch

@@ -11,12 +11,13 @@ import torch
 
 import methods.clipseg.segmenter as clipseg_segmenter
 import methods.pnp.segmenter as pnp_segmenter
-import search.trial as trial
+import search.core.trial as trial
 from methods.base import Evidence, OvssError
-from search.cache import EvidenceCache
-from search.orchestrate import search_context
-from search.run import build_parser, plan_search
-from search.space import full_params
+from search.core.cache import EvidenceCache
+from search.core.space import full_params
+from search.engine.plan import plan_search
+from search.engine.search import search_context
+from search.run import build_parser
 
 #: Decode knobs of the clipseg smoke search (tiny ViT, 4 blocks): variants that read out_proj
 #: (cra / kk_mid with dsi_start -1, naclip), its bias only (dsi_start -2..-4), neither (qk).
@@ -153,7 +154,7 @@ def test_a_fresh_clipseg_trial_worker_never_imports_open_clip(clipseg_full, tmp_
 
     _, ctx, _, _ = clipseg_full
     (tmp_path / "ctx.pkl").write_bytes(pickle.dumps(ctx))
-    code = ("import pickle, sys; from search.trial import evaluate; "
+    code = ("import pickle, sys; from search.core.trial import evaluate; "
             f"ctx = pickle.load(open({str(tmp_path / 'ctx.pkl')!r}, 'rb')); out = []; "
             "evaluate(ctx, {'attention': 'naclip'}, out.append); "
             "print(out[-1]['images'], 'open_clip' in sys.modules, "
@@ -329,14 +330,14 @@ def test_a_read_only_cache_still_gives_a_full_segmenter(clipseg_full, monkeypatc
 
 def test_the_driver_decodes_the_overlays_from_the_head_only_when_nothing_else_is_needed(
         clipseg_full, monkeypatch, tmp_path):
-    from search.tune import _driver_segmenter, _overlay_preds
+    from search.engine.overlays import driver_segmenter, overlay_preds
 
     _, ctx, full, _ = clipseg_full
     built = count_calls(monkeypatch, clipseg_segmenter, "load_clip")
-    seg = _driver_segmenter(ctx, 2)
+    seg = driver_segmenter(ctx, 2)
     assert seg is not None and not seg.model_built
     params = full_params(ctx.defaults, CLIPSEG_PARAMS[0])
-    mine = _overlay_preds(ctx, params, 2, seg)
+    mine = overlay_preds(ctx, params, 2, seg)
     assert [m[0] for m in mine] == [item.image_id for item in ctx.items[:2]]
     for (_, img, pred), item in zip(mine, ctx.items):
         ev = trial.evidence_for(ctx, item, params)
@@ -350,13 +351,13 @@ def test_the_driver_decodes_the_overlays_from_the_head_only_when_nothing_else_is
     path.rename(moved)
     monkeypatch.setattr(trial, "_MEMO", {})          # no evidence held in memory either
     try:
-        assert _driver_segmenter(ctx, 2) is None
-        assert _driver_segmenter(ctx, 1) is not None
+        assert driver_segmenter(ctx, 2) is None
+        assert driver_segmenter(ctx, 1) is not None
     finally:
         moved.rename(path)
     # A method without a decode head: a Ray task decodes.
     _, pnp_ctx = smoke_context("pnp")
-    assert _driver_segmenter(pnp_ctx, 1) is None
+    assert driver_segmenter(pnp_ctx, 1) is None
 
 
 def test_the_driver_overlays_run_on_a_thread_and_write_the_panels(clipseg_full, tmp_path):
@@ -366,14 +367,14 @@ def test_the_driver_overlays_run_on_a_thread_and_write_the_panels(clipseg_full, 
     from PIL import Image
 
     from methods.infer import colorize, overlay
-    from search.tune import _driver_segmenter, _overlay_preds, _overlays
+    from search.engine.overlays import driver_segmenter, overlay_preds, start_overlays
 
     _, ctx, _, _ = clipseg_full
-    seg = _driver_segmenter(ctx, 2)
+    seg = driver_segmenter(ctx, 2)
     params = full_params(ctx.defaults, CLIPSEG_PARAMS[0])
-    finish = _overlays(ctx, params, tmp_path, seg, n=2)
+    finish = start_overlays(ctx, params, tmp_path, seg, n=2)
     paths = finish()
-    want = _overlay_preds(ctx, params, 2, seg)
+    want = overlay_preds(ctx, params, 2, seg)
     assert [p.name for p in paths] == [f"{i}_overlay.png" for i, _, _ in want]
     for path, (_, img, pred) in zip(paths, want):
         panel = np.concatenate([img, overlay(img, pred), colorize(pred)], 1)
@@ -384,4 +385,4 @@ def test_the_driver_overlays_run_on_a_thread_and_write_the_panels(clipseg_full, 
             raise RuntimeError("decode broke")
 
     with pytest.raises(RuntimeError, match="decode broke"):
-        _overlays(ctx, params, tmp_path, Broken(), n=2)()
+        start_overlays(ctx, params, tmp_path, Broken(), n=2)()

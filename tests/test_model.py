@@ -45,7 +45,8 @@ def test_model_logged_registered_and_loaded(registered, voc_root, tmp_path, caps
     import mlflow
 
     from methods.infer import TunedSegmenter
-    from search.model import encode_image, using_tracking_uri
+    from methods.mlflow_store import using_tracking_uri
+    from search.record.model import encode_image
 
     client, parent = registered["client"], registered["parent"]
     assert parent.data.tags["ovss_model_uri"] == "models:/toyseg/1"
@@ -121,7 +122,7 @@ def test_served_model_answers_a_label_map(registered, voc_root):
     import urllib.request
 
     from methods.infer import TunedSegmenter
-    from search.model import encode_image
+    from search.record.model import encode_image
 
     port = _free_port()
     # mlflow runs `uvicorn` from PATH: put this interpreter's bin first (a venv not activated).

@@ -21,8 +21,9 @@ from methods.pnp.formulas import (
 )
 from methods.pnp.postprocess import dense_crf, gaussian_blur
 from methods.pnp.reference import naive_segment, single_head_gradcam, word_piece_means
-from search.cache import EvidenceCache
-from search.config import load_method_spec, resolve
+from methods.spec import load_method_spec
+from search.core.cache import EvidenceCache
+from search.core.config import resolve
 
 TINY = {"width": 32, "layers": 3, "heads": 2, "image_size": 64, "patch_size": 16}
 SETTINGS = {"image_size": 64, "drop_k": 3, "evidence_dtype": "float32", "presence": "all"}

@@ -19,7 +19,8 @@ from methods.pnp.reference import (
     single_head_gradcam,
     word_piece_means,
 )
-from search.config import load_method_spec, resolve
+from methods.spec import load_method_spec
+from search.core.config import resolve
 from tests.test_pnp import CLASSES, PRESENT, SETTINGS, TINY, params
 
 KNOBS = {"layer": 1, "head": 2, "drop_iters": 3}
@@ -169,15 +170,15 @@ def test_presence_source_and_present_list_or_none(seg, image):
 
 # --- D = 1 in a search: no extend -----------------------------------------------------------------
 def test_d1_search_skips_extend(tmp_path, monkeypatch):
-    from search.cache import EvidenceCache
+    from search.core.cache import EvidenceCache
+    from search.core.trial import ImageItem, SearchContext, evidence_for, extract_item, get_dataset
     from search.data.synthetic import make_dataset
-    from search.trial import ImageItem, SearchContext, evidence_for, extract_item, get_dataset
 
     root = make_dataset("voc", tmp_path / "voc", n=2, seed=1)
     spec = load_method_spec("pnp")
     r = resolve(spec, backbone="tiny", dataset="voc21", preset=spec.presets["smoke"])
     data_kw = {"name": "voc21", "root": str(root), "split": "val", "labels": "dense"}
-    from search.cache import file_hash
+    from search.core.cache import file_hash
     from search.data import open_dataset
 
     data = open_dataset(**data_kw)

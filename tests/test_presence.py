@@ -51,9 +51,9 @@ def test_presence_source_decides_what_extract_gets(ray_session, workdir, voc_roo
 
 
 def test_presence_source_is_checked_before_ray(workdir, voc_root, capsys, monkeypatch):
-    import search.orchestrate as orch
+    import search.engine.session as session
 
-    monkeypatch.setattr(orch, "init_ray", lambda a: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(session, "init_ray", lambda a: (_ for _ in ()).throw(AssertionError))
     base = ["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root)]
     assert run_main([*base, "--set", "settings.presence_source=oracle"]) == 2
     assert "presence_source 'oracle'" in capsys.readouterr().err

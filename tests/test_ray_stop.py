@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-import search.holdout as holdout
-import search.model as model
-import search.orchestrate as orch
-import search.tune as tune
+import search.engine.holdout as holdout
+import search.engine.outputs as outputs
+import search.engine.session as session
+import search.record.model as model
 from search.run import main as run_main
 
 
@@ -25,12 +25,12 @@ def _events(monkeypatch) -> list[str]:
 
         monkeypatch.setattr(module, name, call)
 
-    wrap(tune, "_plots")
+    wrap(outputs, "_plots")
     wrap(holdout, "score_holdout")
     wrap(model, "log_tuned_model")
     # As if this search had started Ray (the tests share one session Ray, which stays up).
-    monkeypatch.setattr(orch, "init_ray", lambda address: True)
-    monkeypatch.setattr(orch, "shutdown_ray", lambda: events.append("ray.shutdown"))
+    monkeypatch.setattr(session, "init_ray", lambda address: True)
+    monkeypatch.setattr(session, "shutdown_ray", lambda: events.append("ray.shutdown"))
     return events
 
 
@@ -52,7 +52,7 @@ def test_ray_stops_once_nothing_needs_it(ray_session, workdir, monkeypatch, caps
 _LOCAL_RAY = r"""
 import json, os, sys
 import ray
-from search.orchestrate import LOCAL_RAY_ENV, init_ray, shutdown_ray
+from search.engine.session import LOCAL_RAY_ENV, init_ray, shutdown_ray
 
 os.environ["RAY_raylet_client_num_connect_attempts"] = "7"     # the user's own value wins
 assert init_ray(None)

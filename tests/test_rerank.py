@@ -1,4 +1,4 @@
-"""Two-stage search (search/rerank.py): the agreement report against a hand computation, the
+"""Two-stage search (search/engine/rerank.py): the agreement report against a hand computation, the
 choice of trials, the config errors, and whole searches whose winner and logged numbers are
 checked against a straight full-pipeline computation."""
 
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from methods.base import OvssError
-from search.rerank import pick_winner, rerank_report, top_rows
+from search.engine.rerank import pick_winner, rerank_report, top_rows
 from search.run import main as run_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +88,8 @@ def toy_conf(tmp_path, monkeypatch):
 
 
 def test_proxy_errors_are_one_line_and_come_before_ray(toy_conf, voc_root, capsys):
-    from search.config import load_method_spec, resolve, resolve_proxy
+    from methods.spec import load_method_spec
+    from search.core.config import resolve, resolve_proxy
 
     toy_conf({**TOY, "proxy": {"settings": {"nope": 1}}})
     with pytest.raises(OvssError, match=r"proxy\.settings\.nope: not a setting"):
@@ -111,7 +112,8 @@ def test_proxy_errors_are_one_line_and_come_before_ray(toy_conf, voc_root, capsy
 
 
 def test_reference_preset_plans_the_reference_search(voc_root):
-    from search.run import build_parser, plan_search
+    from search.engine.plan import plan_search
+    from search.run import build_parser
 
     base = ["--method", "pnp", "--backbone", "tiny", "--dataset", "voc21"]
     with pytest.raises(OvssError, match="no data root"):    # no synthetic data for this preset

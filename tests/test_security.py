@@ -133,13 +133,13 @@ def tiny_blip_dirs(tmp_path_factory):
     """The same tiny BLIP ITM model saved as safetensors and as a pickle-only checkpoint."""
     import torch
 
-    from methods.pnp.backbone import TINY_DEFAULTS, _tiny_config, tiny_tokenizer
+    from methods.pnp.backbone import TINY_DEFAULTS, tiny_config, tiny_tokenizer
 
     torch.set_num_threads(1)
     from transformers import BlipForImageTextRetrieval
 
     tok = tiny_tokenizer("blip")
-    config = _tiny_config("blip", TINY_DEFAULTS, len(tok), tok)
+    config = tiny_config("blip", TINY_DEFAULTS, len(tok), tok)
     torch.manual_seed(0)
     model = BlipForImageTextRetrieval(config)
     root = tmp_path_factory.mktemp("blip")
@@ -217,7 +217,7 @@ def test_tune_search_makes_storage_private_before_tune_reads_it(tmp_path, monkey
     import ray
     from ray import tune
 
-    from search.tune import tune_search
+    from search.engine.tuning import tune_search
 
     storage = tmp_path / "ray_results"
     seen = []
@@ -236,8 +236,8 @@ def test_tune_search_makes_storage_private_before_tune_reads_it(tmp_path, monkey
         name="s", num_samples=4, rungs=[1],
         args=SimpleNamespace(cpus_per_trial=1.0, gpus_per_trial=0.0, max_concurrent=None,
                              resume=resume, seed=0))
-    monkeypatch.setattr("search.space.optuna_space", lambda s: {})
-    monkeypatch.setattr("search.space.trial0", lambda d, s: {})
+    monkeypatch.setattr("search.core.space.optuna_space", lambda s: {})
+    monkeypatch.setattr("search.core.space.trial0", lambda d, s: {})
     monkeypatch.setattr("ray.tune.search.optuna.OptunaSearch.__init__",
                         lambda self, *a, **k: None)
     with pytest.raises(_Stop):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 
-from search.tracking import MlflowTrialCallback
+from search.record.trials import MlflowTrialCallback
 
 
 def test_trial_numbers_follow_creation_order_when_trials_start_out_of_order(tmp_path):

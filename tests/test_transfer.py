@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.transfer import main as transfer_main
-from tests.test_evaluate import PAPER, TUNED, _config, direct_scores
+from tests.test_evaluate import PAPER, TUNED, direct_scores, tuned_config
 
 ADE_TUNED = {"temp": 0.2, "thr": 0.4, "mode": "linear", "pool": 2}
 
@@ -20,8 +20,8 @@ def ade_root(tmp_path_factory):
 
 
 def test_voc_config_tested_on_ade(ray_session, workdir, voc_root, ade_root, capsys):
-    a = _config(workdir / "a.yaml")
-    b = _config(workdir / "b.yaml", ADE_TUNED, dataset="ade20k")
+    a = tuned_config(workdir / "a.yaml")
+    b = tuned_config(workdir / "b.yaml", ADE_TUNED, dataset="ade20k")
     rc = transfer_main(["--config", str(a), "--config", str(b), "--dataset", f"voc21={voc_root}",
                         "--dataset", f"ade20k={ade_root}"])
     out = capsys.readouterr().out
@@ -51,7 +51,7 @@ def test_voc_config_tested_on_ade(ray_session, workdir, voc_root, ade_root, caps
 
 
 def test_transfer_bad_dataset_one_line(ray_session, workdir, voc_root, capsys):
-    a = _config(workdir / "a.yaml")
+    a = tuned_config(workdir / "a.yaml")
     assert transfer_main(["--config", str(a), "--dataset", f"voc99={voc_root}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: unknown data set 'voc99'")

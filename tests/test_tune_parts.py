@@ -9,7 +9,7 @@ import optuna
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from search.tune import ImageRungScheduler, PrunedAwareOptunaSearch, _tune_interrupted
+from search.engine.tuning import ImageRungScheduler, PrunedAwareOptunaSearch, tune_interrupted
 
 SPACE = {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
          "k": optuna.distributions.IntDistribution(1, 12)}
@@ -79,16 +79,16 @@ def test_interrupt_is_read_from_tunes_sigint_handler():
         signal.signal(signal.SIGINT, before)
 
     signal.signal(signal.SIGINT, signal_interrupt_tune_run)
-    assert _tune_interrupted(before) is False       # still installed: not interrupted
+    assert tune_interrupted(before) is False       # still installed: not interrupted
     assert signal.getsignal(signal.SIGINT) is before
     signal.signal(signal.SIGINT, signal_interrupt_tune_run)
     signal_interrupt_tune_run(signal.SIGINT, None)  # fired: Tune put ``before`` back
-    assert _tune_interrupted(before) is True
+    assert tune_interrupted(before) is True
 
 
 def test_a_nan_score_fails_the_trial(voc_root, tmp_path, monkeypatch):
-    import search.trial as trial
-    from search.cache import file_hash
+    import search.core.trial as trial
+    from search.core.cache import file_hash
     from search.data import open_dataset
 
     data = open_dataset("voc21", str(voc_root))
@@ -120,7 +120,7 @@ def test_a_nan_score_fails_the_trial(voc_root, tmp_path, monkeypatch):
 
 
 def test_the_random_sampler_gives_the_same_trials_at_any_concurrency():
-    from search.tune import make_sampler
+    from search.engine.tuning import make_sampler
 
     def run(concurrent: int) -> list[tuple]:
         s = PrunedAwareOptunaSearch(space=SPACE, sampler=make_sampler("random", 3, 8),
@@ -156,7 +156,7 @@ def test_the_pending_trial_limit_is_set_for_each_search_alone(tmp_path, monkeypa
     import ray
     from ray import tune
 
-    from search.tune import tune_search
+    from search.engine.tuning import tune_search
 
     seen = []
 
@@ -168,8 +168,8 @@ def test_the_pending_trial_limit_is_set_for_each_search_alone(tmp_path, monkeypa
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(tune.Tuner, "__init__", lambda self, *a, **k: None)
     monkeypatch.setattr(tune.Tuner, "fit", fit)
-    monkeypatch.setattr("search.space.optuna_space", lambda s: {})
-    monkeypatch.setattr("search.space.trial0", lambda d, s: {})
+    monkeypatch.setattr("search.core.space.optuna_space", lambda s: {})
+    monkeypatch.setattr("search.core.space.trial0", lambda d, s: {})
     monkeypatch.setattr("ray.tune.search.optuna.OptunaSearch.__init__",
                         lambda self, *a, **k: None)
 

@@ -44,7 +44,7 @@ TINY_WORDS = (
     "a picture of aeroplane bicycle bird boat bottle bus car cat chair cow dog horse person sheep "
     "sofa train background table plant monitor"
 )
-#: Initialiser std of the tiny vision towers (see ``_tiny_config``).
+#: Initialiser std of the tiny vision towers (see ``tiny_config``).
 TINY_INIT_STD = 0.2
 #: Word pieces so that some class names split into several tokens (word-piece mean tested).
 TINY_PIECES = ("potted", "##plant", "tv", "##monitor", "dining", "##table", "motor", "##bike")
@@ -160,7 +160,7 @@ def tiny_tokenizer(arch: str) -> Any:
                                    eos_token=eos, **extra)
 
 
-def _tiny_config(arch: str, c: Mapping[str, int], vocab: int, tok: Any) -> Any:
+def tiny_config(arch: str, c: Mapping[str, int], vocab: int, tok: Any) -> Any:
     from transformers import BlipConfig, BridgeTowerConfig
 
     w, n, h, ff = c["width"], c["layers"], c["heads"], c["intermediate"]
@@ -263,7 +263,7 @@ def load_vlm(backbone: Mapping[str, Any], seed: int, device: str = "cpu") -> Vis
     if backbone.get("tiny") is not None:
         c = _tiny_fields(backbone["tiny"])
         tok = tiny_tokenizer(arch)
-        return random_model(arch, _tiny_config(arch, c, len(tok), tok), tok, seed, device)
+        return random_model(arch, tiny_config(arch, c, len(tok), tok), tok, seed, device)
     return _load_pretrained(arch, backbone, backbone.get("name", "?"), device)
 
 

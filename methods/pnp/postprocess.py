@@ -95,3 +95,13 @@ def channels_to_labels(thresholded: torch.Tensor, size: tuple[int, int], backgro
         probs = torch.softmax(torch.from_numpy(blurred), 0).numpy()
         blurred = dense_crf(probs, rgb, crf_settings)
     return np.argmax(blurred, 0).astype(np.int64)
+
+
+def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an ``[h, w]`` label map to ``size`` (pixel centres)."""
+    h, w = label.shape
+    if (h, w) == tuple(size):
+        return label
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
+    return label[rows[:, None], cols[None, :]]

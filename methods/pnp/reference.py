@@ -25,8 +25,7 @@ from methods.pnp.formulas import (
     relative_threshold,
     salience_dropout_selection,
 )
-from methods.pnp.postprocess import channels_to_labels
-from methods.pnp.segmenter import resize_nearest
+from methods.pnp.postprocess import channels_to_labels, resize_nearest
 from methods.pnp.text import Prompt
 
 

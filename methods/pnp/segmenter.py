@@ -36,7 +36,6 @@ from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
 from methods.deferred import Deferred
 from methods.pnp.backbone import VisionLanguageModel, check_vlm_spec, load_vlm
 from methods.pnp.formulas import (
-    DROP_RULES,
     aggregated_salience,
     class_salience,
     drop_patches,
@@ -46,34 +45,11 @@ from methods.pnp.formulas import (
     relative_threshold,
     salience_dropout_selection,
 )
-from methods.pnp.postprocess import CRF_DEFAULTS, channels_to_labels
+from methods.pnp.postprocess import channels_to_labels, resize_nearest
 from methods.pnp.presence import PresenceFilter, build_presence_filter
+from methods.pnp.settings import EXTRACT_SETTINGS, VERSION, checked_settings
 from methods.pnp.text import Prompt, build_prompt, class_text
 
-SETTINGS: dict[str, Any] = {
-    "seed": 0, "image_size": 336, "prompt_prefix": "a picture of", "squash_names": True,
-    "enc_token": True, "drop_rule": "top_k", "drop_k": 10, "drop_threshold": 0.5,
-    "drop_fill": "mean", "first_weight": 2.0, "work_max_side": 512,
-    "evidence_dtype": "float16", "presence": "clip", "presence_model": "ViT-B-16-quickgelu",
-    "presence_pretrained": "openai", "presence_path": None, "presence_threshold": 0.1,
-    "presence_source": "model", "prompt_classes": "present", "prompt_names": {},
-    **CRF_DEFAULTS,
-}
-#: Settings that change extract's or extend's output (the CRF ones only change decode).
-EXTRACT_SETTINGS = ("image_size", "prompt_prefix", "squash_names", "enc_token", "drop_rule",
-                    "drop_k", "drop_threshold", "drop_fill", "work_max_side", "evidence_dtype",
-                    "presence", "presence_model", "presence_pretrained", "presence_path",
-                    "presence_threshold", "presence_source", "prompt_classes", "prompt_names")
-#: Where a search takes each image's present classes from (search/ passes ``present`` to
-#: extract only for the last two; ``model``: ``present=None``, the presence filter decides).
-PRESENCE_SOURCES = ("model", "image_labels", "ground_truth")
-#: ``present``: the prompt lists the present classes (the reference's inference); ``all``: it
-#: lists every class of the class set and the present classes' maps are picked out of it (the
-#: reference's search scripts).
-PROMPT_CLASSES = ("present", "all")
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
-FILLS = ("mean", "black")
-VERSION = 1
 log = logging.getLogger(__name__)
 _WARNED_NO_ENC: set[str] = set()
 
@@ -99,27 +75,7 @@ class PnPSegmenter(Segmenter):
 
     def __init__(self, vlm: VisionLanguageModel | Deferred, backbone: Mapping[str, Any],
                  settings: Mapping[str, Any], device: str = "cpu"):
-        unknown = set(settings) - set(SETTINGS)
-        if unknown:
-            raise OvssError(f"pnp: unknown setting(s) {sorted(unknown)}; known: {sorted(SETTINGS)}")
-        s = {**SETTINGS, **settings}
-        for key, allowed in (("evidence_dtype", DTYPES), ("drop_rule", DROP_RULES),
-                             ("drop_fill", FILLS)):
-            if s[key] not in allowed:
-                raise OvssError(f"pnp: settings.{key} must be one of {sorted(allowed)}, "
-                                f"got {s[key]!r}")
-        for key, allowed in (("presence_source", PRESENCE_SOURCES),
-                             ("prompt_classes", PROMPT_CLASSES)):
-            if s[key] not in allowed:
-                raise OvssError(f"pnp: settings.{key} must be one of {list(allowed)}, "
-                                f"got {s[key]!r}")
-        names = s["prompt_names"]
-        if not isinstance(names, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) and v.strip()
-                for k, v in names.items()):
-            raise OvssError(f"pnp: settings.prompt_names must map class names to non-empty "
-                            f"prompt names, got {names!r}")
-        self.settings, self.device = s, device
+        self.settings, self.device = checked_settings(settings), device
         self.backbone = {k: backbone[k] for k in ("name", "arch", "model", "path", "tiny")
                          if k in backbone}
         self._presence: PresenceFilter | None = None
@@ -397,12 +353,3 @@ def picked_rows(prompt: Prompt, pick: Sequence[int]) -> list[int]:
     """The token rows of the picked classes (the rows U, the drop salience, sums)."""
     return [r for k in pick for r in prompt.groups[k]]
 
-
-def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an ``[h, w]`` label map to ``size`` (pixel centres)."""
-    h, w = label.shape
-    if (h, w) == tuple(size):
-        return label
-    rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
-    return label[rows[:, None], cols[None, :]]

@@ -8,6 +8,9 @@
 
 Class lists live in ``conf/datasets/<name>.yaml``; ``search.data.synthetic`` writes tiny data
 sets in the same layouts for tests and ``--preset smoke``.
+
+The bottom layer of the search. May import: ``methods`` (``ClassSet``, ``OvssError``, image
+I/O). Never another part of ``search``.
 """
 
 from search.data.dataset import (
@@ -16,7 +19,8 @@ from search.data.dataset import (
     SegDataset,
     open_dataset,
 )
-from search.data.image_labels import read_image_labels, write_image_labels
+from search.data.image_labels import read_image_labels
+from search.data.make_image_labels import write_image_labels
 from search.data.spec import (
     LAYOUTS,
     DatasetSpec,

@@ -5,7 +5,7 @@ A name matches a class by its name or its readable name (``prompts[i][0]``), ign
 spaces, ``-`` and ``_`` ("tv monitor" = "tvmonitor"); an integer is taken as the label value.
 "background" is accepted and dropped, like the ignore value in dense mode.
 
-Derive the file from dense label maps (a user tool)::
+Derive the file from dense label maps (a user tool, :mod:`search.data.make_image_labels`)::
 
     python -m search.data.make_image_labels --dataset voc21 --data-root /data/VOC2012 [--out FILE]
 """
@@ -16,12 +16,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from methods.base import ClassSet, OvssError
-
-if TYPE_CHECKING:
-    from search.data.dataset import SegDataset
 
 
 def _key(name: str) -> str:
@@ -71,19 +67,4 @@ def read_image_labels(path: str | os.PathLike, classes: ClassSet) -> dict[str, l
             if not (classes.background and v == 0):
                 values.add(v)
         out[str(image_id)] = sorted(values)
-    return out
-
-
-def write_image_labels(dataset: SegDataset, path: str | os.PathLike | None = None) -> Path:
-    """Write ``{image_id: [class names]}`` derived from the dense label maps of ``dataset``.
-
-    Default path: ``<data root>/image_labels.json``. Returns the path written.
-    """
-    out = Path(path) if path is not None else dataset.root / "image_labels.json"
-    names = dataset.classes.names
-    data = {image_id: [names[v] for v in dataset.image_labels(i)]
-            for i, image_id in enumerate(dataset.ids())}
-    from methods.io import atomic_write
-
-    atomic_write(out, json.dumps(data, indent=1) + "\n")
     return out

@@ -9,12 +9,29 @@ search (``--reward clip``) reads instead of the dense label maps.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from methods.base import OvssError
-from search.data.dataset import open_dataset
-from search.data.image_labels import write_image_labels
+from search.data.dataset import SegDataset, open_dataset
+
+
+def write_image_labels(dataset: SegDataset, path: str | os.PathLike | None = None) -> Path:
+    """Write ``{image_id: [class names]}`` derived from the dense label maps of ``dataset``.
+
+    Default path: ``<data root>/image_labels.json``. Returns the path written.
+    """
+    out = Path(path) if path is not None else dataset.root / "image_labels.json"
+    names = dataset.classes.names
+    data = {image_id: [names[v] for v in dataset.image_labels(i)]
+            for i, image_id in enumerate(dataset.ids())}
+    from methods.io import atomic_write
+
+    atomic_write(out, json.dumps(data, indent=1) + "\n")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from methods.base import OvssError
 TRACKING_TIMEOUT_S = 10.0   # one request to the tracking server
 ADDRESS_TIMEOUT_S = 15.0    # one TCP connect to the Ray head's GCS port
 # MLflow's own HTTP settings for the rest of the search: a few retries of bounded length, so an
-# outage mid-search costs seconds per call, not minutes (see search.tracking).
+# outage mid-search costs seconds per call, not minutes (see search.record.tracking).
 MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from search.config import CategoricalParam, FloatParam, IntParam, SpaceParam
+from methods.spec import CategoricalParam, FloatParam, IntParam, SpaceParam
 
 if TYPE_CHECKING:
     import optuna

@@ -18,7 +18,7 @@ import numpy as np
 
 from methods import get_segmenter_class
 from methods.base import ClassSet, Evidence, OvssError, Segmenter
-from search.cache import EvidenceCache, evidence_key
+from search.core.cache import EvidenceCache, evidence_key
 
 PRESENCE_SOURCES = ("model", "image_labels", "ground_truth")
 
@@ -39,7 +39,7 @@ def read_item(data, i: int, dense: bool) -> ImageItem:
     """Image ``i`` of a data set as an :class:`ImageItem`, reading the image (and, ``dense``, its
     label map) once, so a corrupt file or a label map of the wrong size is a one-line error
     before any Ray work."""
-    from search.cache import file_hash
+    from search.core.cache import file_hash
 
     image = data.image(i)
     if dense:
@@ -70,7 +70,7 @@ class SearchContext:
     device: str = "cpu"
     extract_nodes: list[str] = field(default_factory=list)   # Ray node ids that extracted
     # Ray node id -> the one line saying its extraction ran on CPU although Ray assigned a GPU
-    # (search.devices.worker_device)
+    # (search.core.devices.worker_device)
     device_notes: dict[str, str] = field(default_factory=dict)
     # Where extract's present classes come from (settings.presence_source): "model" (None: the
     # method finds them itself, as at inference), "image_labels" or "ground_truth" (the
@@ -95,6 +95,18 @@ class SearchContext:
                             {"present": self.extract_present(item), **knobs})
 
 
+
+def settings_key(ctx: SearchContext) -> dict:
+    """Every input of extract besides the image: the backbone spec, settings and classes, with
+    the identity of the weights they name (hub commit, or a local checkpoint's size, mtime and
+    sha256). ``ctx.settings_key`` is set to it, so a search, an evaluation and a re-ranking of
+    the same backbone, settings and classes share evidence."""
+    from search.core.cache import weights_identity
+
+    return {"backbone": ctx.backbone, "settings": ctx.settings, "classes": ctx.classes,
+            "weights": weights_identity(ctx.backbone),
+            "settings_weights": weights_identity(ctx.settings)}
+
 _MEMO: dict[str, Any] = {}
 
 
@@ -107,10 +119,10 @@ def _memo(kind: str, spec: Any, build: Callable[[], Any]) -> Any:
 
 def on_worker_device(ctx: SearchContext) -> SearchContext:
     """``ctx`` on the device this worker can use: a ``cuda`` that Ray assigned but torch cannot
-    see falls back to ``cpu`` (search.devices.worker_device)."""
+    see falls back to ``cpu`` (search.core.devices.worker_device)."""
     from dataclasses import replace
 
-    from search.devices import worker_device
+    from search.core.devices import worker_device
 
     device = worker_device(ctx.device).device
     return ctx if device == ctx.device else replace(ctx, device=device)
@@ -243,7 +255,7 @@ def check_prediction(pred: np.ndarray, image_shape: Sequence[int], n_classes: in
 def evaluate(ctx: SearchContext, params: Mapping[str, Any],
              report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Decode every tuning image with ``params`` and report the score after each rung."""
-    from search.space import full_params
+    from search.core.space import full_params
 
     seg = get_segmenter(ctx)
     knobs = full_params(ctx.defaults, params)

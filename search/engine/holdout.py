@@ -2,7 +2,7 @@
 
 ``search.run --holdout N`` (or ``--eval-split S``) keeps images out of tuning (default: a fifth
 of them from 20 images on, none below); after tuning the best config and the paper defaults are
-scored on them with :mod:`search.evaluate` and logged on the parent run as
+scored on them with :mod:`search.engine.scoring` and logged on the parent run as
 ``holdout_<metric>_best``, ``holdout_<metric>_default`` and ``holdout_<metric>_gap``.
 """
 
@@ -16,17 +16,10 @@ from typing import Any
 import numpy as np
 
 from methods.base import OvssError
-from search.evaluate import (  # noqa: F401  (holdout_count is used by tests)
-    EvalData,
-    comparison_rows,
-    image_items,
-    score_config,
-    to_markdown,
-    write_table,
-)
+from search.engine.scoring import EvalData, image_items, score_config
+from search.record.tables import comparison_rows, to_markdown, write_table
 
 
-# --------------------------------------------------------------
 def holdout_count(n: int, holdout: int | None) -> int:
     """Images kept out of tuning: ``holdout`` if given, else a fifth of ``n`` when ``n >= 20``,
     else none. OvssError when it leaves nothing to tune on."""
@@ -88,8 +81,8 @@ def score_holdout(client, parent_id: str, plan, best_params: Mapping[str, Any]) 
     """Score the best config and the paper defaults on the held-out images; log
     ``holdout_miou_best``, ``holdout_miou_default``, ``holdout_miou_gap`` (and aAcc) and the
     per-class table on the parent run. Returns a summary line ('' when nothing is held out)."""
-    from search import tracking
-    from search.space import full_params
+    from search.core.space import full_params
+    from search.record import tracking
 
     if not holds_out(plan):
         return ""
@@ -116,68 +109,3 @@ def score_holdout(client, parent_id: str, plan, best_params: Mapping[str, Any]) 
     plan.holdout_table = to_markdown(rows)
     return (f"holdout ({len(held.items)} images): mIoU tuned {100 * s_best.miou:.2f} vs paper "
             f"default {100 * s_paper.miou:.2f} (gap {100 * (s_best.miou - s_paper.miou):+.2f})")
-
-
-def dataset_input(plan, context: str = "tuning"):
-    """The tuning images as an MLflow dataset input: name, root, split, image count and a
-    digest of the image hashes (what the MLflow UI shows under a run's Datasets)."""
-    import hashlib
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    kw = plan.data_kwargs
-    digest = hashlib.sha256("".join(it.image_hash for it in plan.items).encode()).hexdigest()
-    profile = {"images": len(plan.items), "split": kw["split"], "root": kw["root"],
-               "classes": len(plan.classes.names),
-               "held_out": len(plan.holdout.items) if plan.holdout else 0}
-    ds = Dataset(name=f"{plan.dataset_name}/{kw['split']}", digest=digest[:16],
-                 source_type="local", source=json.dumps({"uri": kw["root"]}),
-                 profile=json.dumps(profile))
-    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
-
-
-def finish_search(client, parent_id: str, plan, best: Mapping[str, Any],
-                  ray_done=None) -> str:
-    """After tuning: score the held-out images, write the parent run's description (best
-    config, holdout comparison, export command). Returns extra summary lines ('' if none).
-    ``ray_done()`` is called once nothing here needs Ray any more (after the holdout)."""
-    import yaml
-
-    r = plan.resolved
-    line = score_holdout(client, parent_id, plan, best["params"])
-    if ray_done is not None:
-        ray_done()
-    with tempfile.TemporaryDirectory() as d:
-        config = yaml.safe_load(Path(client.download_artifacts(parent_id, "best_config.yaml",
-                                                               d)).read_text())
-    from search.model import log_tuned_model
-
-    model_uri = log_tuned_model(plan.tracking_uri, parent_id, config,
-                                getattr(plan.args, "register", None))
-    client.set_tag(parent_id, "ovss_model_uri", model_uri)
-    export = (f"python -m search.export --method {r.method} --backbone {r.backbone_name} "
-              f"--dataset {plan.dataset_name} --tracking-uri {plan.tracking_uri}")
-    note = [f"## Best config ({plan.reward['name']} {best['score']:.4f} on "
-            f"{best['images']} tuning images)", "", "```yaml",
-            yaml.safe_dump(dict(best["params"]), sort_keys=False).strip(), "```", ""]
-    if line:
-        note += ["## Held-out images", "", line, "", getattr(plan, "holdout_table", ""), ""]
-    note += ["## Export", "", f"`{export}`", "", "## Model", "", f"`{model_uri}` (serve: "
-             f"`mlflow models serve -m {model_uri} --env-manager local`)", ""]
-    client.set_tag(parent_id, "mlflow.note.content", "\n".join(note))
-    ui = ui_link(plan.tracking_uri, client.get_run(parent_id).info.experiment_id)
-    return "\n".join(x for x in [line, f"model: {model_uri}", f"runs table: {ui}"] if x)
-
-
-def ui_link(tracking_uri: str, experiment_id: str) -> str:
-    """Where the MLflow UI shows the experiment's runs table. MLflow 3.17's UI picks GenAI or
-    model-training pages from a workflow switch (URL ``workflowType``, else the browser's last
-    choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag: the
-    link names the view, and a local UI is started with ``--app-name ovss``
-    (:mod:`search.mlflow_app`), which opens runs tables without it."""
-    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/{page}"
-    return (f"mlflow ui --app-name ovss --backend-store-uri {tracking_uri}, then "
-            f"http://127.0.0.1:5000/{page}")

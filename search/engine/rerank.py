@@ -8,7 +8,7 @@ tunes it, so one pass per image serves every trial). With ``--rerank-top K``:
 1. the search runs as usual, but every trial decodes with the proxy (``proxy_context``);
 2. the K best proxy trials (among those scored on every image) are re-scored with the full
    pipeline (the method's own settings and defaults, what inference runs) on all tuning images,
-   one Ray task per trial through :func:`search.trial.evaluate` / ``evidence_for``, after an
+   one Ray task per trial through :func:`search.core.trial.evaluate` / ``evidence_for``, after an
    extraction pass for the full settings (skipped where the evidence is cached);
 3. the winner is the best full score among those K (ties: the better proxy rank); its params and
    full score go into ``best_config.yaml`` (and so into the export).
@@ -37,11 +37,11 @@ from methods.base import OvssError
 def proxy_context(ctx, proxy):
     """The search context of the proxy stage: ``ctx`` with the proxy's settings and knob values
     on top (a different settings key, so its evidence never mixes with the full pipeline's)."""
-    from search.orchestrate import _settings_key
+    from search.core.trial import settings_key
 
     out = dataclasses.replace(ctx, settings={**ctx.settings, **proxy.settings},
                               defaults={**ctx.defaults, **proxy.set})
-    out.settings_key = _settings_key(out)
+    out.settings_key = settings_key(out)
     return out
 
 
@@ -57,7 +57,7 @@ def top_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 def _full_score(ctx, params: dict[str, Any]) -> dict[str, Any]:
     """Ray task: the full pipeline's score of ``params`` (searched knobs) on every image."""
-    from search.trial import evaluate
+    from search.core.trial import evaluate
 
     return evaluate(ctx, params, lambda _r: None)
 
@@ -67,7 +67,8 @@ def rescore(ctx, params_list: list[dict[str, Any]], gpus: float, cpus: float
     """Full-pipeline results of every entry of ``params_list`` (Ray tasks, in parallel)."""
     import ray
 
-    from search.tune import _user_error, extraction_pass
+    from search.core.errors import user_error
+    from search.engine.extract import extraction_pass
 
     full = dataclasses.replace(ctx, rungs=[len(ctx.items)])
     extraction_pass(full, gpus, cpus)
@@ -76,7 +77,7 @@ def rescore(ctx, params_list: list[dict[str, Any]], gpus: float, cpus: float
     try:
         return ray.get([task.remote(ref, p) for p in params_list])
     except Exception as e:
-        user = _user_error(e)
+        user = user_error(e)
         if user is not None:
             raise OvssError(f"re-ranking: {user}") from None
         raise
@@ -107,8 +108,8 @@ def rerank(client, parent_id: str, plan, ctx, results) -> dict[str, Any]:
     best_config.yaml) and ``summary`` (one line for the CLI)."""
     import yaml
 
-    from search import tracking
-    from search.tune import best_result
+    from search.engine.tuning import best_result
+    from search.record import tracking
 
     _, rows = best_result(results, list(plan.resolved.space))
     top = top_rows(rows, plan.rerank_top)

@@ -1,7 +1,7 @@
-"""``search.run --backbone a,b,c`` (or ``all``): one search per backbone in one Ray session, each
-in its own experiment (``<method>/<backbone>/<dataset>``), then a summary run in
-``<method>/all-backbones/<dataset>`` comparing them: best score, held-out mIoU tuned vs paper
-default, trials and wall time, as metrics and a CSV / Markdown table."""
+"""``search.run --backbone a,b,c`` (or ``all``), the driver of several searches: one search per
+backbone in one Ray session, each in its own experiment (``<method>/<backbone>/<dataset>``),
+then a summary run in ``<method>/all-backbones/<dataset>`` comparing them: best score, held-out
+mIoU tuned vs paper default, trials and wall time, as metrics and a CSV / Markdown table."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def wants_many(backbone: str | None) -> bool:
 def backbone_names(method: str, backbone: str) -> list[str]:
     """``all``: every backbone of the method YAML but the random-weight ``tiny:`` test ones
     (all of them when only those exist); else the comma list, each checked."""
-    from search.config import load_method_spec
+    from methods.spec import load_method_spec
 
     spec = load_method_spec(method)
     if backbone == "all":
@@ -43,10 +43,11 @@ def run_backbones(args: argparse.Namespace) -> str:
     """Plan every search (all input checked before Ray), run them, log the summary run."""
     from mlflow.tracking import MlflowClient
 
-    from search import tracking
-    from search.evaluate import to_csv, to_markdown
-    from search.orchestrate import init_ray, run_search, shutdown_ray
-    from search.run import plan_search
+    from search.engine.plan import plan_search
+    from search.engine.search import run_search
+    from search.engine.session import init_ray, shutdown_ray
+    from search.record import tracking
+    from search.record.tables import to_csv, to_markdown
 
     plans = []
     for name in backbone_names(args.method, args.backbone):

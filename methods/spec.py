@@ -1,16 +1,16 @@
-"""Method specs (``conf/methods/<method>.yaml``): load, validate with pydantic, apply ``--set``.
+"""Method specs (``conf/methods/<method>.yaml``): the pydantic schema, loading and the check of
+one knob value.
 
-Everything here runs before Ray starts, so a wrong key or value is a one-line ``OvssError`` that
-names it. The YAML is the one copy of every paper number (defaults, ranges, steps); the code holds
-none of them.
+The YAML is the one copy of every paper number (defaults, ranges, steps); the code holds none of
+them. Used by :mod:`methods.infer` (a tuned config's knobs are checked against the spec before any
+weights load) and by the search (:mod:`search.core.config` narrows a spec to one backbone and data
+set and applies ``--set``). Every failure is a one-line ``OvssError`` that names the key.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -104,7 +104,8 @@ class DatasetOverride(_Strict):
 class ProxySpec(_Strict):
     """The search stage of a two-stage search (``search.run --rerank-top K``): settings and knob
     values that replace the method's for the proxy trials (e.g. PnP ``drop_iters: 1``,
-    ``crf: false``); the K best are then re-scored with the full pipeline (search/rerank.py)."""
+    ``crf: false``); the K best are then re-scored with the full pipeline
+    (:mod:`search.engine.rerank`)."""
 
     settings: dict[str, Any] = Field(default_factory=dict)
     set: dict[str, Any] = Field(default_factory=dict)
@@ -168,25 +169,14 @@ class MethodSpec(_Strict):
         return self
 
 
-class ResolvedMethod(BaseModel):
-    """A method spec narrowed to one backbone and data set, with ``--set`` applied."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    method: str
-    backbone_name: str
-    backbone: dict[str, Any]
-    settings: dict[str, Any]
-    defaults: dict[str, Any]
-    space: dict[str, SpaceParam]
-
-
 def conf_dirs() -> list[Path]:
     """Where method YAMLs are looked up: ``$OVSS_CONF_PATH`` (colon list) first, then ``conf/``."""
     extra = [Path(p) for p in os.environ.get("OVSS_CONF_PATH", "").split(os.pathsep) if p]
     return [*extra, CONF_DIR]
 
 
-def _one_line(e: ValidationError, where: str) -> str:
+def validation_line(e: ValidationError, where: str) -> str:
+    """The first error of a pydantic validation as one line: ``where: key.path: message``."""
     err = e.errors()[0]
     tags = ("function-after", "int", "float", "categorical")
     loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(tags))
@@ -208,107 +198,11 @@ def load_method_spec(method: str) -> MethodSpec:
     try:
         return MethodSpec.model_validate(raw)
     except ValidationError as e:
-        raise OvssError(_one_line(e, str(path))) from None
+        raise OvssError(validation_line(e, str(path))) from None
 
 
-def resolve(
-    spec: MethodSpec,
-    backbone: str | None = None,
-    dataset: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    preset: Preset | None = None,
-) -> ResolvedMethod:
-    """Narrow ``spec`` to one backbone/data set; apply preset settings and ``--set`` overrides."""
-    name = backbone or spec.default_backbone
-    if name not in spec.backbones:
-        raise OvssError(f"unknown backbone {name!r} for method {spec.method}: choose one of "
-                        f"{', '.join(spec.backbones)}")
-    bb = spec.backbones[name]
-    settings = copy.deepcopy(spec.settings)
-    if dataset and dataset in spec.datasets:
-        settings.update(spec.datasets[dataset].settings)
-    if preset is not None:
-        settings.update(preset.settings)
-    defaults = {**spec.defaults, **bb.defaults}
-    space = {**spec.space, **bb.space}
-    loading = bb.loading_fields(name)
-    all_overrides = {**(preset.set if preset else {}), **(overrides or {})}
-    for key, value in all_overrides.items():
-        _apply_override(spec, key, value, settings, defaults, space, loading)
-    # The paper defaults are trial 0: in the shipped YAML they must lie in the space; a space the
-    # user narrowed with --set may exclude one, and trial 0 then takes the nearest value.
-    for k, p in space.items():
-        if p.contains(defaults[k]):
-            continue
-        if not any(key.startswith(f"space.{k}.") for key in all_overrides):
-            raise OvssError(f"default {k}={defaults[k]!r} of method {spec.method} lies outside "
-                            f"its search space {p.model_dump(exclude_none=True)}")
-        defaults[k] = _nearest(p, defaults[k])
-    return ResolvedMethod(method=spec.method, backbone_name=name, backbone=loading,
-                          settings=settings, defaults=defaults, space=space)
-
-
-def resolve_proxy(spec: MethodSpec, resolved: ResolvedMethod,
-                  preset: Preset | None = None) -> ProxySpec:
-    """The proxy of a two-stage search: the method's ``proxy`` with the preset's on top. A
-    proxy may fix only knobs the search does not sample (the re-ranked trials keep their
-    sampled values)."""
-    settings: dict[str, Any] = {}
-    fixed: dict[str, Any] = {}
-    for p in (spec.proxy, preset.proxy if preset else None):
-        if p is not None:
-            settings.update(p.settings)
-            fixed.update(p.set)
-    if not settings and not fixed:
-        raise OvssError(f"--rerank-top: method {spec.method} declares no proxy (a `proxy:` block "
-                        f"in conf/methods/{spec.method}.yaml)")
-    for k in fixed:
-        if k in resolved.space:
-            raise OvssError(f"proxy.set.{k}: the knob is searched; a proxy may fix only knobs "
-                            f"the search does not sample")
-    return ProxySpec(settings=settings, set=fixed)
-
-
-def _nearest(p: SpaceParam, v: Any) -> Any:
-    if isinstance(p, CategoricalParam):
-        return p.choices[0]
-    return min(max(v, p.low), p.high)
-
-
-def _apply_override(spec, key, value, settings, defaults, space, loading) -> None:
-    parts = key.split(".")
-    try:
-        if len(parts) == 1 and key in defaults:
-            value = check_knob_value(key, value, defaults[key], space.get(key), f"--set {key}")
-            defaults[key] = value          # a fixed knob is no longer searched
-            space.pop(key, None)
-            return
-        if parts[0] == "space" and len(parts) == 3 and parts[1] in defaults:
-            knob, field = parts[1], parts[2]
-            if knob not in space:
-                raise OvssError(f"--set {key}: knob {knob!r} is not searched")
-            data = space[knob].model_dump()
-            if field not in data:
-                raise OvssError(f"--set {key}: {space[knob].type} space has no field {field!r} "
-                                f"(fields: {', '.join(data)})")
-            data[field] = value
-            space[knob] = _SPACE_ADAPTER.validate_python(data)
-            return
-        if parts[0] == "settings" and len(parts) == 2 and parts[1] in settings:
-            settings[parts[1]] = _check_setting(key, value, settings[parts[1]])
-            return
-        if parts[0] == "backbone" and len(parts) == 2:
-            _check_backbone_field(spec, parts[1])
-            loading[parts[1]] = value
-            return
-    except ValidationError as e:
-        raise OvssError(_one_line(e, f"--set {key}={value!r}")) from None
-    raise OvssError(
-        f"unknown --set key {key!r}: use a knob ({', '.join(defaults)}), space.<knob>.<field>, "
-        f"settings.<name> ({', '.join(settings) or 'none'}) or backbone.<field>")
-
-
-def _kind(v: Any) -> str:
+def value_kind(v: Any) -> str:
+    """The kind of a YAML value in words (``an integer``, ``text``, ...), for error lines."""
     if isinstance(v, bool):
         return "true or false"
     if isinstance(v, int):
@@ -320,7 +214,8 @@ def _kind(v: Any) -> str:
     return f"a {type(v).__name__}"
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -344,7 +239,7 @@ def check_knob_value(knob: str, value: Any, default: Any, param: SpaceParam | No
         if not (isinstance(value, int) and not isinstance(value, bool)):
             raise OvssError(f"{where}={value!r}: knob {knob} takes an integer{where_in}")
     if isinstance(param, FloatParam):
-        if not _is_number(value):
+        if not is_number(value):
             raise OvssError(f"{where}={value!r}: knob {knob} takes a number{where_in}")
         value = float(value)
     if param is not None and kind_only:
@@ -356,58 +251,12 @@ def check_knob_value(knob: str, value: Any, default: Any, param: SpaceParam | No
         return value
     if default is None:
         return value
-    if _is_number(default) and _is_number(value) and not isinstance(default, bool):
+    if is_number(default) and is_number(value) and not isinstance(default, bool):
         if isinstance(default, int) and not isinstance(value, int):
             raise OvssError(f"{where}={value!r}: knob {knob} takes an integer "
                             f"(its default is {default!r})")
         return float(value) if isinstance(default, float) else value
-    if _kind(value) != _kind(default):
-        raise OvssError(f"{where}={value!r}: knob {knob} takes {_kind(default)} "
+    if value_kind(value) != value_kind(default):
+        raise OvssError(f"{where}={value!r}: knob {knob} takes {value_kind(default)} "
                         f"(its default is {default!r})")
     return value
-
-
-def _check_setting(key: str, value: Any, current: Any) -> Any:
-    """A ``--set settings.<name>`` value must be of the kind of the YAML's value (a number for a
-    number, true/false for a flag, ...); a number given for a text setting becomes text."""
-    if current is None:
-        return value
-    if isinstance(current, str) and _is_number(value):
-        return str(value)
-    if _is_number(current) and _is_number(value):
-        if isinstance(current, int) and not isinstance(value, int):
-            raise OvssError(f"--set {key}={value!r}: takes an integer (now {current!r})")
-        return value
-    if isinstance(value, float) and not math.isfinite(value) and _is_number(current):
-        raise OvssError(f"--set {key}={value!r}: takes a finite number (now {current!r})")
-    if _kind(value) != _kind(current):
-        raise OvssError(f"--set {key}={value!r}: takes {_kind(current)} (now {current!r})")
-    return value
-
-
-def _check_backbone_field(spec: MethodSpec, field: str) -> None:
-    if field == "name":
-        raise OvssError("--set backbone.name: choose the backbone with --backbone")
-    known = spec.known_backbone_fields()
-    if field not in known:
-        raise OvssError(f"--set backbone.{field}: method {spec.method} backbones have no field "
-                        f"{field!r} (fields: {', '.join(known)})")
-
-
-from pydantic import TypeAdapter  # noqa: E402
-
-_SPACE_ADAPTER: TypeAdapter = TypeAdapter(SpaceParam)
-
-
-def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["tau=6", "space.tau.high=7"]`` -> ``{"tau": 6, "space.tau.high": 7}`` (YAML values)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise OvssError(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
-        except yaml.YAMLError:
-            out[k.strip()] = v
-    return out

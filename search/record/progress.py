@@ -41,10 +41,10 @@ class ProgressLine(tune.Callback):
         return d
 
     def _number(self, trial) -> int:
-        from search.tracking import _creation_number
+        from search.record.trials import creation_number
 
         if trial.trial_id not in self._numbers:
-            self._numbers[trial.trial_id] = _creation_number(trial, len(self._numbers))
+            self._numbers[trial.trial_id] = creation_number(trial, len(self._numbers))
         return self._numbers[trial.trial_id]
 
     def line(self) -> str:
@@ -68,7 +68,7 @@ class ProgressLine(tune.Callback):
         self._number(trial)
         self.last[trial.trial_id] = dict(result)
         note, node = result.get("device_note"), result.get("node_id")
-        if note and node not in self.device_warned:   # once per node (search.devices)
+        if note and node not in self.device_warned:   # once per node (search.core.devices)
             self.device_warned.add(node)
             out = self.stream or sys.stderr
             out.write(("\n" if out.isatty() else "") + f"warning: trials on {note}\n")

@@ -11,7 +11,8 @@ answers ``{"predictions": [label map]}``: one HxW list of lists of int per row, 
 i-th class (0 = background when the config's data set has one). The model stores only the tuned
 config; the serving environment needs this repository installed (``pip install -e .``) and the
 backbone weights where the config says. ``methods.infer --config models:/NAME/VERSION`` and
-``search.evaluate --model models:/NAME/VERSION`` read the config back from the registry.
+``search.evaluate --model models:/NAME/VERSION`` read the config back from the registry
+(:func:`methods.mlflow_store.config_from_model_uri`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,10 +30,10 @@ import numpy as np
 import yaml
 
 from methods.base import OvssError
+from methods.mlflow_store import CONFIG_FILE, using_tracking_uri
 
 ARTIFACT = "tuned_config"
 MODEL_NAME = "tuned_segmenter"
-_URI = re.compile(r"^models:/([^/]+)/(\d+)$")
 
 
 def encode_image(image: np.ndarray) -> str:
@@ -102,7 +102,7 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
     Returns the model's URI (``models:/NAME/VERSION`` when registered)."""
     with using_tracking_uri(tracking_uri):
         with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "tuned_config.yaml"
+            path = Path(d) / CONFIG_FILE
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             with mlflow.start_run(run_id=run_id), _quiet():
                 info = mlflow.pyfunc.log_model(
@@ -113,27 +113,6 @@ def log_tuned_model(tracking_uri: str, run_id: str, config: dict[str, Any],
     if register:
         return f"models:/{register}/{info.registered_model_version}"
     return info.model_uri
-
-
-@contextlib.contextmanager
-def using_tracking_uri(uri: str):
-    """MLflow's fluent API (log_model, pyfunc.load_model) with ``uri`` as the global tracking
-    URI; setting one also sets $MLFLOW_TRACKING_URI (read by
-    search.tracking.default_tracking_uri), so both are put back afterwards."""
-    import os
-
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 @contextlib.contextmanager
@@ -152,28 +131,3 @@ def _quiet():
     finally:
         logger.setLevel(level)
 
-
-def config_from_model_uri(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The tuned config inside the registered model ``models:/NAME/VERSION``."""
-    from mlflow.tracking import MlflowClient
-
-    from search.tracking import default_tracking_uri
-
-    m = _URI.match(uri)
-    if not m:
-        raise OvssError(f"model {uri!r}: expected models:/NAME/VERSION")
-    name, version = m.groups()
-    tracking_uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_model_version(name, version)
-    except Exception:
-        raise OvssError(f"no registered model {name!r} version {version} in {tracking_uri}") \
-            from None
-    # models:/ resolves through the registry URI, which follows the global tracking URI.
-    with tempfile.TemporaryDirectory() as d, using_tracking_uri(tracking_uri):
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d)
-        files = list(Path(local).rglob("tuned_config.yaml"))
-        if not files:
-            raise OvssError(f"model {uri} holds no tuned_config.yaml (not an ovss model)")
-        return yaml.safe_load(files[0].read_text())

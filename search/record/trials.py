@@ -1,117 +1,24 @@
-"""MLflow tracking: one experiment per (method, backbone, dataset), one parent run per search, one
-nested child run per trial.
+"""One MLflow child run per Ray Tune trial, logged from the driver by a Tune callback.
 
-All logging happens in the driver (a Ray Tune callback), so trials on other nodes of a cluster never
-need to reach the tracking store: a local sqlite file works on a cluster too. Every run this module
-starts ends FINISHED, FAILED or KILLED: :func:`parent_run` closes the parent on any exit and
-:meth:`MlflowTrialCallback.close_open_runs` closes children that Tune never finished.
+MLflow, not Tune's checkpoint, is the record of which trial owns which run (see
+:class:`MlflowTrialCallback`); a store that fails mid-search takes the record offline, not the
+search (:mod:`search.record.writer`), and ``python -m search.sync`` makes it whole later.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-TAG_ROLE = "ovss_role"
-EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow 3 UI (mlflow/server/js)
+from search.record.tracking import TAG_ROLE, log_metrics, log_params
+from search.record.writer import Writer, guarded
 
 
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` or a sqlite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def experiment_name(method: str, backbone: str, dataset: str) -> str:
-    return f"{method}/{backbone}/{dataset}"
-
-
-def ensure_experiment(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    # The MLflow 3 UIs that read this tag open the experiment on its runs table; MLflow 3.17's
-    # reads its workflow switch instead (search/mlflow_app.py, `mlflow server --app-name ovss`).
-    return client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
-
-
-@contextlib.contextmanager
-def parent_run(
-    client: MlflowClient, experiment_id: str, run_name: str, tags: Mapping[str, str],
-    reopen: str | None = None,
-) -> Iterator[str]:
-    """Create the parent run (or reopen ``reopen`` when resuming); end it FINISHED on success,
-    KILLED on Ctrl-C, FAILED otherwise."""
-    if reopen:
-        run_id = reopen
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "ovss_resumed", "true")
-    else:
-        run = client.create_run(experiment_id, run_name=run_name,
-                                tags={TAG_ROLE: "search", **tags})
-        run_id = run.info.run_id
-    status = "FAILED"
-    try:
-        yield run_id
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        try:
-            client.set_terminated(run_id, status=status)
-        except Exception:  # noqa: BLE001 - the store is gone: search.sync closes it later
-            if status == "FINISHED":
-                raise
-
-
-def _param_value(v: Any) -> str:
-    s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-    return s[:6000]
-
-
-def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, _param_value(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
-
-
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
-                tags: Mapping[str, str] | None = None) -> None:
-    """Finite numeric ``metrics`` at ``step`` (and ``tags``) in as few store calls as MLflow's
-    batch limits allow (one for up to 500 metrics)."""
-    import math
-    import time
-
-    from mlflow.entities import Metric, RunTag
-
-    ts = int(time.time() * 1000)
-    items = [Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-    tag_items = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
-    for i in range(0, max(len(items), 1 if tag_items else 0), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500],
-                         tags=tag_items if i == 0 else [])
-
-
-def _metric_key(k: str) -> str:
-    # MLflow keys allow alphanumerics, _ - . space / ; class names may hold other characters.
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in k)
-
-
-def _creation_number(trial, fallback: int) -> int:
+def creation_number(trial, fallback: int) -> int:
     """The trial's place in the order the searcher created it (0 = the paper defaults).
 
     Tune's search generator tags each trial "<counter>_<params>" with a 1-based counter that
@@ -119,65 +26,6 @@ def _creation_number(trial, fallback: int) -> int:
     the start order is not the creation order."""
     head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
     return int(head) - 1 if head.isdigit() and int(head) > 0 else fallback
-
-
-def _guarded(hook):
-    """A callback hook that never lets a tracking-store error end the search: the first error
-    is reported once, the callback goes offline (no more calls to the store), and trials go on;
-    their results stay in Tune's results directory for ``python -m search.sync``."""
-    import functools
-
-    @functools.wraps(hook)
-    def run(self, *args, **kwargs):
-        if self.offline:
-            return None
-        try:
-            return hook(self, *args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any store failure: MlflowException, HTTP, OS
-            self.go_offline(e)
-            return None
-
-    return run
-
-
-class _Writer:
-    """One thread that makes a callback's store calls, in the order they were submitted, off
-    Tune's event loop: the loop hands a trial's record over and goes on scheduling trials while
-    the store answers. The first failing call puts the owner offline; later calls are dropped."""
-
-    def __init__(self, owner: MlflowTrialCallback):
-        import queue
-
-        self.owner = owner
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = None
-
-    def submit(self, call) -> None:
-        import threading
-
-        if self.owner.offline:
-            return
-        if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._loop, name="ovss-mlflow-writer",
-                                           daemon=True)
-            self.thread.start()
-        self.queue.put(call)
-
-    def _loop(self) -> None:   # a daemon thread: it waits for calls as long as the driver lives
-        while True:
-            call = self.queue.get()
-            try:
-                if not self.owner.offline:
-                    call()
-            except Exception as e:  # noqa: BLE001 - any store failure: MlflowException, HTTP, OS
-                self.owner.go_offline(e)
-            finally:
-                self.queue.task_done()
-
-    def flush(self) -> None:
-        """Wait until every submitted call has been made (or dropped)."""
-        if self.thread is not None:
-            self.queue.join()
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -189,12 +37,13 @@ class MlflowTrialCallback(tune.Callback):
     driver that the restored state does not know (KILLED, tagged ``ovss_orphaned``). Tune
     checkpoints its state at most every ~10 s, so those runs exist after a SIGKILL.
 
-    The store calls run on one writer thread (:class:`_Writer`), in order; Tune's loop does not
-    wait for them. :meth:`get_state` (called by Tune before it saves the experiment state) waits
-    for them, so a saved state is never ahead of the record; so do :meth:`reconcile`,
-    :meth:`flush` (end of the experiment) and :meth:`close_open_runs`. A trial costs one store
-    call for its run and tags, one for its params (one more for its dataset input), one per
-    result (the first carries the node tags), one for the final metrics, one for the end status.
+    The store calls run on one writer thread (:class:`search.record.writer.Writer`), in order;
+    Tune's loop does not wait for them. :meth:`get_state` (called by Tune before it saves the
+    experiment state) waits for them, so a saved state is never ahead of the record; so do
+    :meth:`reconcile`, :meth:`flush` (end of the experiment) and :meth:`close_open_runs`. A
+    trial costs one store call for its run and tags, one for its params (one more for its
+    dataset input), one per result (the first carries the node tags), one for the final
+    metrics, one for the end status.
 
     Metrics: the headline metric (``miou`` or ``clip_score``, and ``score``) is logged once, when a
     trial finishes its last rung; per-rung values go under ``rung/<metric>`` with step = number of
@@ -220,7 +69,7 @@ class MlflowTrialCallback(tune.Callback):
         self.offline: str | None = None     # the store error that stopped logging, if any
         self.dataset_input = None           # mlflow DatasetInput logged on every child run
         self._client: MlflowClient | None = None
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
         d = dict(self.__dict__)
@@ -247,7 +96,7 @@ class MlflowTrialCallback(tune.Callback):
 
     def _submit(self, call) -> None:
         if getattr(self, "_writer", None) is None:
-            self._writer = _Writer(self)
+            self._writer = Writer(self)
         self._writer.submit(call)
 
     def flush(self) -> None:
@@ -268,7 +117,7 @@ class MlflowTrialCallback(tune.Callback):
             f"tags.{TAG_ROLE} = 'trial'", max_results=50000,
             order_by=["attributes.start_time ASC"])
 
-    @_guarded
+    @guarded
     def reconcile(self, trials) -> None:
         """Map the trials Tune knows (restored or new) to their existing child runs; close and
         tag the runs no known trial owns; record a trial Tune saw end whose run the dead
@@ -327,7 +176,7 @@ class MlflowTrialCallback(tune.Callback):
         """(trial id, 0-based number, config), read from Tune's trial in the driver thread."""
         tid = trial.trial_id
         if tid not in self.numbers:
-            self.numbers[tid] = _creation_number(trial, fallback=len(self.numbers))
+            self.numbers[tid] = creation_number(trial, fallback=len(self.numbers))
         return tid, self.numbers[tid], dict(trial.config or {})
 
     def _run_id(self, tid: str, n: int, config: dict) -> str:
@@ -343,11 +192,11 @@ class MlflowTrialCallback(tune.Callback):
                 self.client.log_inputs(run.info.run_id, [self.dataset_input])
         return self.runs[tid]
 
-    @_guarded
+    @guarded
     def on_step_begin(self, iteration, trials, **info):
         self.reconcile(trials)
 
-    @_guarded
+    @guarded
     def on_trial_start(self, iteration, trials, trial, **info):
         self.reconcile(trials)
         spec = self._spec(trial)
@@ -364,7 +213,7 @@ class MlflowTrialCallback(tune.Callback):
 
         self._submit(call)
 
-    @_guarded
+    @guarded
     def on_trial_result(self, iteration, trials, trial, result, **info):
         spec = self._spec(trial)
         tags = {}
@@ -394,7 +243,7 @@ class MlflowTrialCallback(tune.Callback):
             log_metrics(self.client, run_id, final, int(last.get("images", 0)))
         self.client.set_terminated(run_id, status="FINISHED")
 
-    @_guarded
+    @guarded
     def on_trial_complete(self, iteration, trials, trial, **info):
         spec = self._spec(trial)
         last = dict(self.last.get(trial.trial_id, {}))
@@ -415,7 +264,7 @@ class MlflowTrialCallback(tune.Callback):
             self.client.set_tag(run_id, "ovss_error_file", str(err))
         self.client.set_terminated(run_id, status="FAILED")
 
-    @_guarded
+    @guarded
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = self._spec(trial)
         err = getattr(trial, "error_file", None)
@@ -433,42 +282,3 @@ class MlflowTrialCallback(tune.Callback):
                     self.client.set_terminated(run_id, status=status)
             except Exception:
                 pass
-
-
-def close_running_children(client: MlflowClient, experiment_id: str, parent_id: str,
-                           status: str = "KILLED") -> None:
-    runs = client.search_runs(
-        [experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = "
-        f"'{RunStatus.to_string(RunStatus.RUNNING)}'", max_results=5000)
-    for r in runs:
-        client.set_terminated(r.info.run_id, status=status)
-
-
-def previous_search(client: MlflowClient, experiment_id: str, name: str):
-    """The newest parent run (an mlflow Run) of the search ``name`` (reopened by --resume)."""
-    runs = client.search_runs([experiment_id], f"tags.{TAG_ROLE} = 'search' and "
-                              f"tags.ovss_search_name = '{name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def latest_search_run(client: MlflowClient, method: str, backbone: str | None,
-                      dataset: str | None):
-    """The newest FINISHED parent run of ``method`` (optionally backbone/dataset) in the store."""
-    filt = [f"tags.{TAG_ROLE} = 'search'", f"tags.ovss_method = '{method}'",
-            "attributes.status = 'FINISHED'"]
-    if backbone:
-        filt.append(f"tags.ovss_backbone = '{backbone}'")
-    if dataset:
-        filt.append(f"tags.ovss_dataset = '{dataset}'")
-    exps = [e.experiment_id for e in client.search_experiments()]
-    if not exps:
-        return None
-    runs = client.search_runs(exps, " and ".join(filt), order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0] if runs else None
-
-
-__all__ = ["MlflowTrialCallback", "close_running_children", "default_tracking_uri",
-           "ensure_experiment", "experiment_name", "latest_search_run", "log_metrics",
-           "log_params", "mlflow", "parent_run", "previous_search", "RunStatus"]
