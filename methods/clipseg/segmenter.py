@@ -35,6 +35,7 @@ from methods.clipseg.family import attend, fixed_outputs, naclip_probs, self_att
 from methods.clipseg.formulas import (
     coherence_residual_attention,
     dense_output,
+    integrated_value,
     key_gram,
     relation_attention,
 )
@@ -253,10 +254,10 @@ class ClipSegSegmenter(Segmenter):
         chunk = max(1, int(self.settings["chunk"]))
         for i in range(0, len(windows), chunk):
             ev = window_pass(self.visual, windows[i:i + chunk].to(self.device), DSI_TERMS)
-            values = torch.stack([ev.terms[:n].mean(0) @ w_o.T          # V for dsi_start = -n
+            values = torch.stack([integrated_value(ev.terms, -n) @ w_o.T  # V, dsi_start -n
                                   for n in range(2, DSI_TERMS + 1)])
             qk = self_attention(ev.q, ev.k, self.heads)[:, :, 1:]       # patch rows, per head
-            outs = [attend(qk, ev.terms[:n].mean(0), final.attn.out_proj)
+            outs = [attend(qk, integrated_value(ev.terms, -n), final.attn.out_proj)
                     for n in range(1, DSI_TERMS + 1)]
             outs += [z[:, 1:] for z in fixed_outputs(final, ev.x, ev.q, ev.k,
                                                      ev.terms[0]).values()]
