@@ -20,7 +20,12 @@ from methods.pnp.formulas import (
     salience_dropout_selection,
 )
 from methods.pnp.postprocess import dense_crf, gaussian_blur
-from methods.pnp.reference import naive_segment, single_head_gradcam, word_piece_means
+from methods.pnp.reference import (
+    drop_chain,
+    naive_segment,
+    single_head_gradcam,
+    word_piece_means,
+)
 from methods.spec import load_method_spec
 from search.core.cache import EvidenceCache
 from search.core.config import resolve
@@ -192,6 +197,33 @@ def test_decode_extract_equals_straight_pipeline(seg, image, knobs):
     assert set(np.unique(ours)) <= {0, *PRESENT} and len(np.unique(ours)) > 1
     np.testing.assert_array_equal(ours, naive)
     np.testing.assert_array_equal(seg.segment(image, CLASSES, knobs, PRESENT), naive)
+
+
+@pytest.mark.parametrize("rule, counts", [("top_k", [3, 6, 9]), ("halving", [8, 12, 14]),
+                                          ("above", None)])
+def test_every_drop_rule_end_to_end_against_the_reference(seg, image, rule, counts):
+    """For each drop rule, extend's chain (which patches are dropped before each pass, and the
+    masked maps of the passes) and the label map equal the straight pipeline's. ``halving``
+    depends on the iteration: after pass t it drops N // 2^(t+1) more of the N = 16 patches
+    (8, 4, 2), so handing the rule the pass being prepared instead of the pass just run would
+    drop 4, 2, 1."""
+    ruled = SEGMENTER(seg.vlm, {"name": "tiny", "tiny": TINY}, {**SETTINGS, "drop_rule": rule})
+    knobs = params(layer=2, head=1, drop_iters=4)
+    ev = ruled.extract(image, CLASSES, PRESENT)
+    extra = ruled.extend(ev, image, CLASSES, PRESENT, ruled.extraction_subset(knobs))
+    maps, sets = drop_chain(ruled, image, CLASSES, PRESENT, 2, 1, 4)
+    got = [set(torch.nonzero(d.flatten()).flatten().tolist()) for d in extra.tensors["dropped"]]
+    assert got == sets[1:] and sets[0] == set()
+    assert len(sets[1]) < len(sets[2]) < len(sets[3]) < 16         # each pass drops more
+    if counts is not None:
+        assert [len(d) for d in sets[1:]] == counts
+    for t in range(1, 4):
+        want = maps[t].view(3, 4, 4)
+        scale = want.abs().max().clamp(min=1e-30)
+        assert float((extra.tensors["chain"][t - 1] - want).abs().max() / scale) < 1e-5
+    ours = ruled.decode(ev.merged(extra), knobs)
+    assert len(np.unique(ours)) > 1
+    np.testing.assert_array_equal(ours, naive_segment(ruled, image, CLASSES, knobs, PRESENT))
 
 
 def test_drop_chain_and_float16_evidence(seg, image):
