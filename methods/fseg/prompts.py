@@ -9,7 +9,9 @@ Choices (UNVERIFIED, knobs in conf/methods/fseg.yaml; docs/fseg.md):
 - de-noising (``morph``): ``open_close`` = opening then closing with a ``kernel`` x ``kernel``
   square at image resolution (``kernel: 0`` skips it), or ``close_open``;
 - connected components are 8-connected; components smaller than ``min_area`` (fraction of the
-  image) are dropped; at most ``max_points`` components are kept, largest first;
+  image) are dropped; at most ``max_points`` components are kept, largest first (equal areas:
+  the one whose bounding box starts higher, then further left, then by centroid), and the points
+  are listed in that order;
 - each kept component's centroid is a positive point (``snap_centroid``: a centroid outside its
   component is moved to the component's nearest pixel); the box is the smallest box holding
   every kept component, ``[x0, y0, x1, y1]`` with inclusive pixel edges;
@@ -75,8 +77,9 @@ def components(mask: np.ndarray, min_area: float, max_points: int,
     _n, labels, stats, cents = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
                                                                connectivity=8)
     area = stats[1:, cv2.CC_STAT_AREA]
-    keep = [i + 1 for i in np.argsort(-area, kind="stable")
-            if area[i] >= min_area * mask.size][:max(1, int(max_points))]
+    rank = np.lexsort((cents[1:, 0], cents[1:, 1], stats[1:, cv2.CC_STAT_LEFT],
+                       stats[1:, cv2.CC_STAT_TOP], -area))   # OpenCV's label order is no rule
+    keep = [i + 1 for i in rank if area[i] >= min_area * mask.size][:max(1, int(max_points))]
     if not keep:
         return None
     points, boxes = [], []
