@@ -14,6 +14,7 @@ Nothing in here knows Ray, Optuna or MLflow.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,48 @@ class OvssError(Exception):
     """
 
 
+def class_key(name: str) -> str:
+    """The form in which two class names or prompt texts are the same: lower case, without
+    whitespace, ``-`` or ``_`` ("TV-monitor" = "tv monitor" = "tvmonitor"). CLIP's and BERT's
+    tokenizers lower-case (so "Cat" and "cat" embed to the same vector), PnP squashes spaces and
+    hyphens out of its prompt names, and image-label files match names this way: two classes
+    whose names (or prompt texts) share a key could not be told apart by a prediction."""
+    return re.sub(r"[\s_\-]+", "", str(name).strip().lower())
+
+
+def class_clash(names: Sequence[str], prompts: Sequence[Sequence[str]] = ()
+                ) -> tuple[int, int, str] | None:
+    """The first clash of a class list, or None: ``(i, j, text)`` with i < j when class j's
+    name or one of its prompt texts (``prompts[j]``) has the :func:`class_key` of class i's name
+    or of one of its prompt texts. Texts repeated within one class are no clash (synonyms are
+    pooled per class)."""
+    owner: dict[str, int] = {}
+    for j, name in enumerate(names):
+        texts = [name, *(prompts[j] if j < len(prompts) else ())]
+        for text in texts:
+            i = owner.get(class_key(text), j)
+            if i != j:
+                return i, j, text
+        for text in texts:
+            owner.setdefault(class_key(text), j)
+    return None
+
+
+#: Why two spellings are one class, for the messages that refuse a repeated name.
+SAME_CLASS = "names that differ only in case, spaces, '-' or '_' are one class"
+#: Why one text may not serve two classes, for the messages that refuse a shared prompt.
+SHARED_TEXT = "a text embedded for two classes ties them wherever it fits best"
+
+
+def clash_message(names: Sequence[str], clash: tuple[int, int, str]) -> str:
+    """Words for a :func:`class_clash` (without saying where the list came from)."""
+    i, j, text = clash
+    if class_key(text) == class_key(names[j]) == class_key(names[i]):
+        return f"class {j} {names[j]!r} repeats class {i} {names[i]!r} ({SAME_CLASS})"
+    return (f"{text!r} is a name or prompt of both class {i} ({names[i]}) and class {j} "
+            f"({names[j]}) ({SHARED_TEXT})")
+
+
 @dataclass(frozen=True)
 class ClassSet:
     """The label space a segmenter predicts into.
@@ -42,6 +85,10 @@ class ClassSet:
     background: when True, ``names[0]`` is "background" and the method predicts label 0 by its
                 own background rule (threshold, no-class-passes, ...), never by embedding a
                 "background" text.
+
+    No two classes may share a name or a prompt text under :func:`class_key` (OvssError naming
+    both): the entry points (a data set's YAML or ``classes.txt``, ``--classes``) check first
+    and name the file and line or the flag.
     """
 
     names: tuple[str, ...]
@@ -59,6 +106,9 @@ class ClassSet:
             raise OvssError(
                 f"class list has {len(self.names)} names but {len(self.prompts)} prompt lists"
             )
+        clash = class_clash(self.names, self.prompts)
+        if clash is not None:
+            raise OvssError(f"class list: {clash_message(self.names, clash)}")
 
     @classmethod
     def from_names(cls, names: Sequence[str], background: bool = False) -> ClassSet:
@@ -67,6 +117,9 @@ class ClassSet:
         if not names:
             raise OvssError("class list is empty: give at least one class name")
         if background:
+            if any(class_key(n) == "background" for n in names):
+                raise OvssError("class list: 'background' is label 0 of this class set (the "
+                                "method's own rule predicts it); leave it out of the names")
             names = ["background", *names]
         return cls(names=tuple(names), background=background)
 
@@ -139,6 +192,13 @@ class Segmenter:
         ``path`` override, or ``tiny`` config for tests). Loading problems raise OvssError.
         """
         raise NotImplementedError(f"{cls.__name__}.from_spec")
+
+    @classmethod
+    def check_classes(cls, settings: Mapping[str, Any], classes: ClassSet) -> None:
+        """Before any model loads (a search calls it before Ray starts): OvssError when the
+        method could not tell two of ``classes`` apart under these settings beyond what
+        ClassSet itself refuses (e.g. PnP's ``prompt_names`` mapping two classes to one word).
+        Nothing by default."""
 
     def settings_key(self) -> dict[str, Any]:
         """Everything besides the image that the knob-independent evidence depends on

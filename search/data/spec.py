@@ -15,7 +15,15 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from methods.base import CONF_DIR, ClassSet, OvssError
+from methods.base import (
+    CONF_DIR,
+    SAME_CLASS,
+    SHARED_TEXT,
+    ClassSet,
+    OvssError,
+    class_clash,
+    class_key,
+)
 
 FOLDER = "folder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -115,8 +123,9 @@ def _spec_path(name: str) -> Path:
 def load_spec(name: str) -> DatasetSpec:
     """The spec of a named data set (not ``folder``); OvssError naming the YAML if invalid."""
     path = _spec_path(name)
+    raw_text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(raw_text)
     except yaml.YAMLError as e:
         raise OvssError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -130,7 +139,44 @@ def load_spec(name: str) -> DatasetSpec:
         raise OvssError(f"{path}: {loc + ': ' if loc else ''}{msg}") from None
     if spec.name != name:
         raise OvssError(f"{path}: name {spec.name!r} differs from the file name {name!r}")
+    check_distinct(spec, path, raw_text)
     return spec
+
+
+def check_distinct(spec: DatasetSpec, path: Path, text: str) -> None:
+    """No two classes share a name or a prompt text (methods.base.class_key): OvssError at the
+    file and line of the later one."""
+    prompts = spec.prompts or [[c] for c in spec.classes]
+    clash = class_clash(spec.classes, prompts)
+    if clash is None:
+        return
+    i, j, word = clash
+    lines = {f: _item_lines(text, f) for f in ("classes", "prompts")}
+
+    def line(c: int) -> str:
+        in_name = class_key(word) == class_key(spec.classes[c])
+        found = lines["classes" if in_name or not spec.prompts else "prompts"]
+        return str(found[c]) if c < len(found) else "?"
+
+    if class_key(word) == class_key(spec.classes[i]) == class_key(spec.classes[j]):
+        raise OvssError(f"{path}:{line(j)}: class {j} {spec.classes[j]!r} repeats class {i} "
+                        f"{spec.classes[i]!r} of line {line(i)} ({SAME_CLASS})")
+    raise OvssError(f"{path}:{line(j)}: {word!r} of class {j} ({spec.classes[j]}) is also a "
+                    f"name or prompt of class {i} ({spec.classes[i]}), line {line(i)} "
+                    f"({SHARED_TEXT})")
+
+
+def _item_lines(text: str, field: str) -> list[int]:
+    """The 1-based line of each item of the top-level sequence ``field`` of a YAML text."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            if key.value == field and isinstance(value, yaml.SequenceNode):
+                return [item.start_mark.line + 1 for item in value.value]
+    return []
 
 
 def dataset_layout(name: str) -> str:
@@ -162,6 +208,11 @@ def folder_spec(root: Path) -> DatasetSpec:
         lines[0] = "background"
     if len(lines) < (2 if background else 1):
         raise OvssError(f"class list {path} has only 'background': add the classes")
+    clash = class_clash(lines)
+    if clash is not None:
+        i, j, _ = clash
+        raise OvssError(f"class list {path}: line {j + 1} {lines[j]!r} repeats line {i + 1} "
+                        f"{lines[i]!r} ({SAME_CLASS})")
     try:
         return DatasetSpec(name=FOLDER, layout=FOLDER, classes=lines, background=background)
     except ValidationError as e:
