@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from methods.base import ClassSet, OvssError, check_image
+from methods.base import SAME_CLASS, ClassSet, OvssError, check_image, class_clash
 from methods.registry import get_segmenter_class, method_module_name
 
 REQUIRED = ("method", "backbone", "settings", "params")
@@ -49,9 +49,13 @@ class TunedSegmenter:
         return cls(read_config_file(path), device, where=f"tuned config {path}")
 
     def class_set(self, classes: Sequence[str] | ClassSet) -> ClassSet:
-        if isinstance(classes, ClassSet):
-            return classes
-        return ClassSet.from_names(list(classes), background=self.background)
+        """The label space of ``classes`` (with the config's background class); OvssError when
+        two are one class (``methods.base.class_key``) or the method could not tell them apart
+        (``Segmenter.check_classes``)."""
+        cs = classes if isinstance(classes, ClassSet) else ClassSet.from_names(
+            list(classes), background=self.background)
+        type(self.segmenter).check_classes(self.config["settings"], cs)
+        return cs
 
     def __call__(self, image: np.ndarray, classes: Sequence[str] | ClassSet,
                  present: Sequence[int] | None = None) -> np.ndarray:
@@ -123,6 +127,9 @@ def presence_for_inference(config: Mapping[str, Any], classes: ClassSet,
     if not names or unknown:
         raise OvssError(f"--present {given!r}: give names from --classes"
                         + (f" (not in it: {', '.join(unknown)})" if unknown else ""))
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+        raise OvssError(f"--present {given!r}: {twice[0]!r} is given twice")
     if source == "model":
         print("note: this config was tuned with presence_source=model; using the given "
               "--present classes instead of the method's own", file=sys.stderr)
@@ -228,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [c.strip() for c in args.classes.split(",") if c.strip()]
         if not names:
             raise OvssError("--classes is empty: give at least one class name")
+        clash = class_clash(names)
+        if clash is not None:
+            i, j, _ = clash
+            raise OvssError(f"--classes {args.classes!r}: {names[j]!r} (name {j + 1}) repeats "
+                            f"{names[i]!r} (name {i + 1}); {SAME_CLASS}")
         out = Path(args.out)
         if out.is_dir() or out.suffix.lower() != ".png":
             raise OvssError(f"--out {out}: give a .png file path (the label map is a PNG)")
@@ -235,7 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_device(args.device)
         image = load_image(args.image)  # corrupt, or above the pixel limit: refused here
         seg = TunedSegmenter.from_file(args.config, args.device, args.tracking_uri)
-        cs = seg.class_set(names)
+        try:
+            cs = seg.class_set(names)
+        except OvssError as e:
+            raise OvssError(f"--classes {args.classes!r}: {e}") from None
         present = presence_for_inference(seg.config, cs, args.present)
         pred = seg(image, cs, present)
         save_label_map(pred, out)

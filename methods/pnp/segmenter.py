@@ -48,7 +48,7 @@ from methods.pnp.formulas import (
 from methods.pnp.postprocess import channels_to_labels, resize_nearest
 from methods.pnp.presence import PresenceFilter, build_presence_filter
 from methods.pnp.settings import EXTRACT_SETTINGS, VERSION, checked_settings
-from methods.pnp.text import Prompt, build_prompt, class_text
+from methods.pnp.text import Prompt, build_prompt, check_prompt_names
 
 log = logging.getLogger(__name__)
 _WARNED_NO_ENC: set[str] = set()
@@ -178,14 +178,13 @@ class PnPSegmenter(Segmenter):
         listed = self.prompt_labels(classes, labels)
         return self.prompt(classes, listed), [listed.index(c) for c in labels]
 
-    def prompt_name(self, classes: ClassSet, label: int) -> str:
-        """The text of class ``label`` in the prompt: ``prompt_names[names[label]]`` (the
-        reference's names, a data set setting) or its first prompt, squashed."""
-        name = self.settings["prompt_names"].get(classes.names[label], classes.prompts[label][0])
-        return class_text(name, bool(self.settings["squash_names"]))
+    @classmethod
+    def check_classes(cls, settings: Mapping[str, Any], classes: ClassSet) -> None:
+        """No two foreground classes share a prompt name (see text.check_prompt_names)."""
+        check_prompt_names(checked_settings(settings), classes, classes.foreground)
 
     def prompt(self, classes: ClassSet, labels: Sequence[int]) -> Prompt:
-        names = [self.prompt_name(classes, c) for c in labels]
+        names = check_prompt_names(self.settings, classes, labels)
         enc = self.vlm.enc_token_id if self.settings["enc_token"] else None
         return build_prompt(self.vlm.tokenizer, names, self.settings["prompt_prefix"], enc)
 

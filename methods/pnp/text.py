@@ -11,13 +11,13 @@ spaces and hyphens are removed from names, as the reference code does ("pottedpl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from methods.base import OvssError
+from methods.base import ClassSet, OvssError, class_key
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,30 @@ class Prompt:
 
 def class_text(name: str, squash: bool) -> str:
     return name.replace(" ", "").replace("-", "").replace("_", "") if squash else name.strip()
+
+
+def prompt_name(settings: Mapping[str, Any], classes: ClassSet, label: int) -> str:
+    """The text of class ``label`` in the prompt: ``prompt_names[names[label]]`` (the
+    reference's names, a data set setting) or its first prompt, squashed (``squash_names``)."""
+    name = settings["prompt_names"].get(classes.names[label], classes.prompts[label][0])
+    return class_text(name, bool(settings["squash_names"]))
+
+
+def check_prompt_names(settings: Mapping[str, Any], classes: ClassSet,
+                       labels: Sequence[int]) -> list[str]:
+    """The prompt names of ``labels``; OvssError when two of them are one word (class_key):
+    the two classes' token maps would then come from the same word, so which of them a pixel
+    gets would say nothing about the image."""
+    names, seen = [], {}
+    for c in labels:
+        text = prompt_name(settings, classes, c)
+        first = seen.setdefault(class_key(text), c)
+        if first != c:
+            raise OvssError(f"pnp: classes {classes.names[first]!r} and {classes.names[c]!r} are "
+                            f"both {text!r} in the prompt (settings.prompt_names or the class "
+                            "names); give them different prompt names")
+        names.append(text)
+    return names
 
 
 def build_prompt(tokenizer: Any, names: Sequence[str], prefix: str = "a picture of",

@@ -95,6 +95,19 @@ def dataset_settings(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     return settings
 
 
+def check_classes(config: Mapping[str, Any], data: Any) -> None:
+    """The method can tell the test data set's classes apart under the config's settings
+    (``Segmenter.check_classes``; ``data``: a scoring.EvalData); OvssError naming the data set
+    otherwise, before Ray."""
+    from methods import get_segmenter_class
+
+    try:
+        get_segmenter_class(config["method"]).check_classes(
+            dataset_settings(config, data.dataset), data.classes)
+    except OvssError as e:
+        raise OvssError(f"data set {data.dataset}: {e}") from None
+
+
 def paper_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with its knobs replaced by the method's paper defaults (the YAML ``defaults``
     after the backbone's overrides, as :func:`search.core.config.resolve` gives them)."""

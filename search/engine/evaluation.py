@@ -17,7 +17,7 @@ def evaluate(args: argparse.Namespace) -> str:
     from mlflow.tracking import MlflowClient
 
     from methods.mlflow_store import default_tracking_uri
-    from search.engine.configs import load_source, paper_config
+    from search.engine.configs import check_classes, load_source, paper_config
     from search.engine.scoring import open_eval_data, score_config
     from search.engine.session import init_ray, shutdown_ray
     from search.record import tracking
@@ -27,6 +27,7 @@ def evaluate(args: argparse.Namespace) -> str:
     config, source = load_source(args.config, args.run, args.model, uri)
     paper = paper_config(config) if args.baseline else None
     data = open_eval_data(args.dataset, args.data_root, args.split, args.max_images)
+    check_classes(config, data)
     cache_dir = Path(args.cache_dir or Path(".ovss") / "cache").resolve()
     client = MlflowClient(uri)
     exp_name = tracking.experiment_name(config["method"], str(config.get("backbone_name") or

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from methods.base import OvssError
-from search.engine.configs import load_config_file, paper_config
+from search.engine.configs import check_classes, load_config_file, paper_config
 from search.engine.scoring import open_eval_data, score_config
 from search.record.tables import to_csv, to_markdown
 
@@ -89,6 +89,9 @@ def transfer(args: argparse.Namespace) -> str:
     rows = row_configs(args.config, paper=not args.no_paper)
     data = {name: open_eval_data(name, root, args.split, args.max_images)
             for name, root in datasets}           # every input checked before Ray starts
+    for _, cfg in rows:
+        for d in data.values():
+            check_classes(cfg, d)
     uri = args.tracking_uri or default_tracking_uri()
     cache_dir = Path(args.cache_dir or Path(".ovss") / "cache").resolve()
     client = MlflowClient(uri)
