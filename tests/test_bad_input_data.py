@@ -47,6 +47,72 @@ def _(w):
         "classes.txt", "empty")
 
 
+# --- duplicate classes: one class could never be predicted, and the mIoU would be wrong --------
+@CASES.case("dataset-folder-class-twice")
+def _(w):
+    d = w.dir / "mine"
+    (d / "images").mkdir(parents=True)
+    (d / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "images" / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "masks" / "a.png")
+    (d / "classes.txt").write_text("background\ncat\ndog\nCat \n")   # case, spaces: one class
+    return ["--method", "toy", "--dataset", "folder", "--data-root", str(d)], (
+        "classes.txt", "line 4 'Cat' repeats line 2 'cat'")
+
+
+def dataset_yaml(w, classes: str, prompts: str) -> list[str]:
+    """A data set YAML of its own (found through OVSS_CONF_PATH) over the VOC copy."""
+    conf = w.dir / "conf" / "datasets"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text(
+        "name: mine\nlayout: voc\nbackground: true\n"
+        "splits: {val: ImageSets/Segmentation/val.txt}\n"
+        f"classes:\n{classes}prompts:\n{prompts}")
+    w.monkeypatch.setenv("OVSS_CONF_PATH", os.pathsep.join(
+        [str(w.dir / "conf"), os.environ.get("OVSS_CONF_PATH", "")]))
+    return ["--method", "toy", "--dataset", "mine", "--data-root", str(w.voc_src)]
+
+
+@CASES.case("dataset-yaml-class-twice")
+def _(w):
+    return dataset_yaml(w, "  - background\n  - tv monitor\n  - dog\n  - TV-Monitor\n",
+                        "  - [background]\n  - [tv monitor]\n  - [dog]\n  - [tv]\n"), (
+        "mine.yaml:9", "class 3 'TV-Monitor' repeats class 1 'tv monitor' of line 7")
+
+
+@CASES.case("dataset-yaml-synonym-of-two-classes")
+def _(w):
+    return dataset_yaml(w, "  - background\n  - cat\n  - dog\n",
+                        "  - [background]\n  - [cat, pet]\n  - [dog, pet]\n"), (
+        "mine.yaml:12", "'pet' of class 2 (dog)", "class 1 (cat), line 11")
+
+
+@CASES.case("image-labels-image-twice")
+def _(w):
+    labels = w.dir / "labels.json"
+    ids = [p.stem for p in sorted((w.voc_src / "JPEGImages").iterdir())]
+    body = ", ".join(f'"{i}": ["cat"]' for i in ids)
+    labels.write_text("{" + body + f', "{ids[2]}": ["dog"]' + "}")
+    return w.toy("--reward", "clip", "--image-labels", str(labels)), (
+        "labels.json", f"'{ids[2]}' is listed twice")
+
+
+@CASES.case("image-labels-class-twice")
+def _(w):
+    labels = w.dir / "labels.json"
+    ids = [p.stem for p in sorted((w.voc_src / "JPEGImages").iterdir())]
+    labels.write_text(json.dumps({i: ["cat", "Cat"] if i == ids[1] else ["cat"] for i in ids}))
+    return w.toy("--reward", "clip", "--image-labels", str(labels)), (
+        "labels.json", f"image '{ids[1]}' names class 'cat' twice")
+
+
+@CASES.case("pnp-prompt-names-give-two-classes-one-word")
+def _(w):
+    return ["--method", "pnp", "--backbone", "tiny", "--dataset", "voc21", "--data-root",
+            str(w.voc_src), "--set", "settings.prompt_names={cat: dog}"], (
+        "'cat' and 'dog' are both 'dog' in the prompt",)
+
+
 @CASES.case("dataset-image-unreadable")
 def _(w):
     victim = w.image(2)

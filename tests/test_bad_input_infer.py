@@ -21,6 +21,24 @@ def _(w):
     return w.infer(classes=" , "), ("--classes",)
 
 
+# --- duplicate class names ---------------------------------------------------------------------
+@CASES.case("infer-class-twice", cli="infer")
+def _(w):
+    return w.infer(classes="cat,dog, Cat"), ("--classes", "'Cat' (name 3) repeats 'cat'")
+
+
+@CASES.case("infer-background-in-classes", cli="infer")
+def _(w):
+    config = w.config(classes={"background": True})
+    return w.infer(config=config, classes="background,cat"), ("--classes", "'background'",
+                                                               "label 0")
+
+
+@CASES.case("infer-present-twice", cli="infer")
+def _(w):
+    return w.infer("--present", "cat,cat"), ("--present", "'cat' is given twice")
+
+
 @CASES.case("infer-image-corrupt", cli="infer")
 def _(w):
     bad = w.dir / "bad.png"
