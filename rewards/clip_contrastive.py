@@ -379,3 +379,21 @@ class ClipRewardAccumulator:
             "clip_unscored_images": float(len(self.per_image) - len(scored)),
             "clip_image_mean": float(np.mean(scored)) if scored else float("nan"),
         }
+
+
+def why_constant(details: Sequence[Mapping[str, float]]) -> str:
+    """One line on why the reward came out the same for every trial, from the trials'
+    :meth:`ClipRewardAccumulator.details`-style counts (``clip_wins``, ``clip_pairs``,
+    ``clip_images``, ``clip_unscored_images``)."""
+    def total(key: str) -> float:
+        return sum(float(d.get(key, 0.0)) for d in details)
+
+    if details and total("clip_unscored_images") >= total("clip_images") > 0:
+        return ("no image could be scored: each needs image-level labels and at least two "
+                "candidate classes (reward setting `candidates`)")
+    if details and total("clip_wins") == 0:
+        return ("no predicted mask of a labelled class beat the black image in any trial: the "
+                "masks miss the labelled classes, or the reward's CLIP cannot tell the masked "
+                "images apart (random weights)")
+    return ("every trial's masks won the same (image, class) pairs: the knobs searched do not "
+            "change which labelled classes the masks cover on these images")

@@ -44,6 +44,24 @@ def rank_correlations(rewards: np.ndarray, mious: np.ndarray) -> tuple[float, fl
     return float(rho), float(tau)
 
 
+def undefined_reason(rewards: Sequence[float], mious: Sequence[float],
+                     names: tuple[str, str] = ("the reward", "mIoU")) -> str | None:
+    """Why :func:`rank_correlations` of these pairs is undefined, in one line, or None when it is
+    defined. Pairs with a non-finite value are left out first, as in :func:`fidelity_report`.
+    ``names``: what the two columns are, for the sentence. Values are printed in percent."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    m = np.asarray(mious, dtype=np.float64).reshape(-1)
+    ok = np.isfinite(r) & np.isfinite(m)
+    r, m = r[ok], m[ok]
+    if len(r) < 3:
+        return f"{len(r)} trial(s) with both scores; a rank correlation needs at least 3"
+    for name, col in zip(names, (r, m)):
+        if np.ptp(col) == 0:
+            return (f"{name} is the same for all {len(col)} trials ({100 * col[0]:.2f} %): there "
+                    "is no ranking to compare")
+    return None
+
+
 def selection_regret(rewards: np.ndarray, mious: np.ndarray) -> tuple[float, float, float]:
     """(regret, mIoU of the reward-best trial, best mIoU) for [N] float arrays, N >= 1."""
     best = float(mious[first_argmax(mious)])

@@ -29,8 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="output path (default conf/tuned/<method>-<backbone>-"
                    "<dataset>.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--verbose", action="store_true", help="show MLflow's own INFO lines and "
+                   "download bars, hidden by default")
     args = p.parse_args(argv)
     try:
+        from search.core.console import quiet_libraries
+
+        quiet_libraries(args.verbose)
         path = export(args.method, args.backbone, args.dataset, args.tracking_uri, args.out,
                       args.force)
     except OvssError as e:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ask Ray's autoscaler for missing GPUs/CPUs instead of refusing")
     p.add_argument("--rungs", type=int, default=3,
                    help="ASHA rungs: trials are scored on growing image subsets (default 3)")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own output (Ray, "
+                   "Tune, Optuna, MLflow banners and INFO lines), hidden by default")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler (default 0)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
                    help="Optuna sampler: tpe (default; TPE with constant liar) "
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from search.core.console import quiet_libraries
+
+        quiet_libraries(args.verbose)
         from search.engine.backbones import run_backbones, wants_many
         from search.engine.plan import plan_search
         from search.engine.search import run_search

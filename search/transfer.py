@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address to join (default: start Ray locally)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                    "or sqlite:///./mlflow.db)")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own output (Ray, "
+                   "Tune, Optuna, MLflow banners and INFO lines), hidden by default")
     p.add_argument("--cache-dir", help="evidence cache directory (default ./.ovss/cache)")
     return p
 
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from search.core.console import quiet_libraries
+
+        quiet_libraries(args.verbose)
         from search.engine.transfer import transfer
 
         out = transfer(args)

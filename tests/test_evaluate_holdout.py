@@ -4,6 +4,7 @@ scored after it with the best config and the paper defaults, logged on the paren
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -63,8 +64,50 @@ def test_default_holdout_is_a_fifth_and_scored(ray_session, workdir, voc20_root,
     assert [d.dataset.digest for d in child] == [inputs[0].dataset.digest]
     # The summary printed last names the holdout comparison.
     out = cap.out.strip().splitlines()
-    assert any(line.startswith("holdout (4 images): mIoU tuned") for line in out)
-    assert out[-1].startswith("export: python -m search.export")
+    assert any(line.startswith("holdout (4 images): mIoU tuned") and line.count(" %") == 2
+               for line in out)
+    assert out[-2] == "export the best config:"
+    # The next steps run as printed in a fresh shell without the virtual environment.
+    _runs_in_a_fresh_shell(out, workdir)
+
+
+def _runs_in_a_fresh_shell(out: list[str], workdir) -> None:
+    """The printed export command writes the config, and the printed ``mlflow ui`` command
+    serves the printed runs-table page, each run by bash with a PATH that has no venv."""
+    import shlex
+    import subprocess
+
+    from tests.servers import free_port, http_status, stop
+
+    import os
+
+    # A fresh shell: no virtual environment on PATH; only the test method's registration
+    # (tests/conftest.py: the toy method lives in tests/) comes along.
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "LANG": "C.UTF-8",
+             **{k: os.environ[k] for k in ("OVSS_CONF_PATH", "OVSS_METHOD_MODULES",
+                                           "PYTHONPATH")}}
+    export = out[-1].strip()
+    target = workdir / "exported.yaml"
+    res = subprocess.run(["bash", "-c", f"{export} --out {shlex.quote(str(target))}"],
+                         env=fresh, cwd="/", capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and target.is_file(), res.stderr[-2000:]
+    assert yaml.safe_load(target.read_text())["method"] == "toy"
+    i = next(i for i, line in enumerate(out) if line.startswith("runs table: "))
+    url = out[i].split("runs table: ", 1)[1].split(",", 1)[0]
+    ui, port = out[i + 1].strip(), free_port()
+    log = open(workdir / "ui.log", "w")
+    proc = subprocess.Popen(["bash", "-c", f"exec {ui} --port {port}"], env=fresh, cwd="/",
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        page = url.replace("127.0.0.1:5000", f"127.0.0.1:{port}").split("#", 1)[0]
+        deadline, status = time.time() + 180, 0
+        while status != 200 and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+            status = http_status(page, timeout=20)
+        assert status == 200, (workdir / "ui.log").read_text()[-2000:]
+    finally:
+        stop(proc)
+        log.close()
 
 
 def test_small_set_holds_nothing_out_by_default(ray_session, workdir, voc_root, capsys):
@@ -76,7 +119,11 @@ def test_small_set_holds_nothing_out_by_default(ray_session, workdir, voc_root, 
     # Tune's banners stay off stdout; the progress line is on stderr; the summary is stdout.
     assert "Configuration for experiment" not in cap.out
     assert "trials 2/2 done" in cap.err
-    assert cap.out.startswith("best miou=")
+    assert cap.out.startswith("best mIoU ")
+    # The libraries' own chatter stays behind --verbose.
+    for noise in ("A new study created", "View detailed results", "Downloading artifacts",
+                  "Token authentication is enabled", "INFO mlflow"):
+        assert noise not in cap.err
 
 
 def test_holdout_as_large_as_the_data_is_refused_before_ray(workdir, voc_root, capsys):

@@ -25,9 +25,11 @@ def test_counts_pruned_failed_and_best_trial():
     p.on_trial_error(0, [], d)
     lines = out.getvalue().splitlines()
     assert len(lines) == 4                           # one line per finished trial (not a tty)
-    assert lines[0].startswith("trials 1/5 done (0 pruned, 0 failed) | best 0.4000 (trial 0)")
+    assert lines[0].startswith("trials 1/5 done (0 pruned, 0 failed) | best mIoU 40.00 % "
+                               "(trial 0)")
     # A pruned trial's partial score is not the best; the failed trial counts as finished.
-    assert lines[-1].startswith("trials 4/5 done (1 pruned, 1 failed) | best 0.6000 (trial 2)")
+    assert lines[-1].startswith("trials 4/5 done (1 pruned, 1 failed) | best mIoU 60.00 % "
+                                "(trial 2)")
     assert "elapsed, ~" in lines[-1] and "left" in lines[-1]
 
 
@@ -41,3 +43,11 @@ def test_remaining_time_from_the_pace(monkeypatch):
     p.on_trial_result(0, [], _trial("a", 0), {"score": 0.5, "rung": 0, "rungs_total": 1})
     p.on_trial_complete(0, [], _trial("a", 0))
     assert p.line().endswith("0:00:30 elapsed, ~0:01:30 left")   # 30 s a trial, 3 left
+
+
+def test_a_label_free_search_names_its_reward():
+    out = io.StringIO()
+    p = ProgressLine(2, stream=out, metric="clip")
+    p.on_trial_result(0, [], _trial("a", 0), {"score": 0.125, "rung": 0, "rungs_total": 1})
+    p.on_trial_complete(0, [], _trial("a", 0))
+    assert "| best CLIP reward 12.50 % (trial 0) |" in out.getvalue()

@@ -38,6 +38,16 @@ def test_clip_reward_search_reads_no_dense_label(ray_session, workdir, voc_root)
     assert all("rung/clip_score" in t.data.metrics for t in trials)
     full = [t for t in trials if "ovss_pruned" not in t.data.tags]
     assert full and all(0.0 <= t.data.metrics["clip_score"] <= 1.0 for t in full)
+    # The reward's own counts are on every fully scored trial, and agree with its score.
+    for t in full:
+        m = t.data.metrics
+        assert {"clip_wins", "clip_pairs", "clip_images", "clip_unscored_images"} <= set(m)
+        assert m["clip_images"] == 8 and 0 <= m["clip_wins"] <= m["clip_pairs"]
+        assert m["clip_score"] == pytest.approx(m["clip_wins"] / m["clip_pairs"]
+                                                if m["clip_pairs"] else 0.0)
+    # A reward that ranks nothing (the same for every trial) is said on the parent run.
+    constant = len({t.data.metrics["clip_score"] for t in full}) == 1 and len(full) > 1
+    assert ("ovss_reward_constant" in parent[0].data.tags) == constant
 
 
 def test_dense_labels_are_refused_in_image_label_mode(voc_root):
@@ -57,6 +67,15 @@ def test_fidelity_report_on_parent_run(ray_session, workdir, voc_root):
     m = parent[0].data.metrics
     for key in ["fidelity_spearman", "fidelity_kendall", "fidelity_regret_miou"]:
         assert key in m
+    # An undefined rank correlation is logged as NaN with the reason beside it, never dropped.
+    from rewards.fidelity import undefined_reason
+
+    why = undefined_reason([t.data.metrics["clip_score"] for t in trials],
+                           [t.data.metrics["fidelity_miou"] for t in trials],
+                           ("the CLIP reward", "mIoU"))
+    for key in ["fidelity_spearman", "fidelity_kendall"]:
+        assert math.isnan(m[key]) == (why is not None)
+        assert parent[0].data.tags.get(f"ovss_undefined/{key}") == why
     mious = [t.data.metrics["fidelity_miou"] for t in trials]
     assert m["fidelity_regret_miou"] >= 0 and m["fidelity_regret_miou"] <= max(mious)
     assert math.isclose(m["fidelity_best_miou"], max(mious), rel_tol=1e-6)

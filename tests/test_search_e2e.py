@@ -63,7 +63,7 @@ def test_search_logs_everything_and_exports(ray_session, workdir, voc_root, caps
     assert len(client.list_artifacts(parent.info.run_id, "overlays")) == 3
     best_score = parent.data.metrics["best_score"]
     assert best_score == pytest.approx(max(c.data.metrics["miou"] for c in full))
-    assert "best miou=" in out
+    assert "best mIoU " in out
 
     # Export, refuse to overwrite, then force.
     tuned = workdir / "tuned.yaml"

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from methods.base import OvssError
+from search.core.console import percent
 from search.engine.scoring import EvalData, image_items, score_config
 from search.record.tables import comparison_rows, to_markdown, write_table
 
@@ -107,5 +108,6 @@ def score_holdout(client, parent_id: str, plan, best_params: Mapping[str, Any]) 
         for p in write_table(Path(d), "holdout_table", rows, held.describe()):
             client.log_artifact(parent_id, str(p))
     plan.holdout_table = to_markdown(rows)
-    return (f"holdout ({len(held.items)} images): mIoU tuned {100 * s_best.miou:.2f} vs paper "
-            f"default {100 * s_paper.miou:.2f} (gap {100 * (s_best.miou - s_paper.miou):+.2f})")
+    return (f"holdout ({len(held.items)} images): mIoU tuned {percent(s_best.miou)} vs paper "
+            f"default {percent(s_paper.miou)} (gap {100 * (s_best.miou - s_paper.miou):+.2f} "
+            "points)")

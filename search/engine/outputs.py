@@ -77,7 +77,27 @@ def log_search_outputs(client, parent_id: str, plan, ctx, results, callback,
             client.log_artifact(parent_id, str(png), "overlays")
         if ctx.fidelity and plan.reward["name"] != "miou":
             _fidelity(client, parent_id, rows, d)
+    if plan.reward["name"] != "miou":
+        constant_reward(client, parent_id, plan, rows)
     return best
+
+
+def constant_reward(client, parent_id: str, plan, rows) -> None:
+    """A label-free search whose reward is the same for every fully scored trial ranks nothing:
+    say so, and why (the reward's own counts), in one line and the tag
+    ``ovss_reward_constant``."""
+    from rewards.clip_contrastive import why_constant
+    from search.core.console import percent, score_name
+
+    top = max(r["images"] for r in rows)
+    full = [r for r in rows if r["images"] == top]
+    if len(full) < 2 or len({float(r["score"]) for r in full}) > 1:
+        return
+    why = why_constant([r["metrics"] for r in full])
+    line = (f"the {score_name(plan.reward['name'])} was {percent(full[0]['score'])} for all "
+            f"{len(full)} trials scored on every image, so it ranks no config: {why}")
+    client.set_tag(parent_id, "ovss_reward_constant", line)
+    print(f"note: {line}", file=sys.stderr)
 
 
 def _plots(rows, r, out: Path) -> list[Path]:
@@ -121,7 +141,9 @@ def _plots(rows, r, out: Path) -> list[Path]:
 
 
 def _fidelity(client, parent_id: str, rows, out: Path) -> None:
-    from rewards.fidelity import fidelity_report
+    """The fidelity report of a label-free search on the parent run; when its rank correlations
+    are undefined, the tags ``ovss_undefined/fidelity_*`` say why and so does one line."""
+    from rewards.fidelity import fidelity_report, undefined_reason
     from search.record import tracking
 
     top = max(r["images"] for r in rows)
@@ -132,7 +154,11 @@ def _fidelity(client, parent_id: str, rows, out: Path) -> None:
     mious = [float(r["metrics"]["fidelity_miou"]) for r in use]
     png = out / "fidelity_scatter.png"
     report = fidelity_report(rewards, mious, png)
-    tracking.log_metrics(client, parent_id, report, 0)
+    why = undefined_reason(rewards, mious, ("the CLIP reward", "mIoU"))
+    tracking.log_metrics(client, parent_id, report, 0,
+                         why={k: why for k in ("fidelity_spearman", "fidelity_kendall")})
+    if why:
+        print(f"fidelity: rank correlations undefined: {why}", file=sys.stderr)
     if png.exists():
         client.log_artifact(parent_id, str(png), "plots")
 
@@ -152,17 +178,28 @@ def write_offline_outputs(plan, results, parent_id: str, callback,
     return path
 
 
-def finish_search(client, parent_id: str, plan, best: Mapping[str, Any],
-                  ray_done=None) -> str:
-    """After tuning: score the held-out images, write the parent run's description (best
-    config, holdout comparison, export command). Returns extra summary lines ('' if none).
-    ``ray_done()`` is called once nothing here needs Ray any more (after the holdout)."""
-    import yaml
-
-    from search.engine.holdout import score_holdout
-    from search.record.tracking import ui_link
+def export_command(plan) -> str:
+    """``python -m search.export ...`` for this search's best config, runnable as printed
+    (:func:`search.core.console.python_command`)."""
+    from search.core.console import python_command
 
     r = plan.resolved
+    return python_command("-m", "search.export", "--method", r.method, "--backbone",
+                          r.backbone_name, "--dataset", plan.dataset_name, "--tracking-uri",
+                          plan.tracking_uri)
+
+
+def finish_search(client, parent_id: str, plan, best: Mapping[str, Any],
+                  ray_done=None) -> list[str]:
+    """After tuning: score the held-out images, write the parent run's description (best
+    config, holdout comparison, export command). Returns summary lines (the held-out comparison
+    if any, the model). ``ray_done()`` is called once nothing here needs Ray any more (after the
+    holdout)."""
+    import yaml
+
+    from search.core.console import mlflow_command, score_text
+    from search.engine.holdout import score_holdout
+
     line = score_holdout(client, parent_id, plan, best["params"])
     if ray_done is not None:
         ray_done()
@@ -174,15 +211,13 @@ def finish_search(client, parent_id: str, plan, best: Mapping[str, Any],
     model_uri = log_tuned_model(plan.tracking_uri, parent_id, config,
                                 getattr(plan.args, "register", None))
     client.set_tag(parent_id, "ovss_model_uri", model_uri)
-    export = (f"python -m search.export --method {r.method} --backbone {r.backbone_name} "
-              f"--dataset {plan.dataset_name} --tracking-uri {plan.tracking_uri}")
-    note = [f"## Best config ({plan.reward['name']} {best['score']:.4f} on "
+    note = [f"## Best config ({score_text(plan.reward['name'], best['score'])} on "
             f"{best['images']} tuning images)", "", "```yaml",
             yaml.safe_dump(dict(best["params"]), sort_keys=False).strip(), "```", ""]
     if line:
         note += ["## Held-out images", "", line, "", getattr(plan, "holdout_table", ""), ""]
-    note += ["## Export", "", f"`{export}`", "", "## Model", "", f"`{model_uri}` (serve: "
-             f"`mlflow models serve -m {model_uri} --env-manager local`)", ""]
+    serve = mlflow_command("models", "serve", "-m", model_uri, "--env-manager", "local")
+    note += ["## Export", "", f"`{export_command(plan)}`", "", "## Model", "",
+             f"`{model_uri}` (serve: `{serve}`)", ""]
     client.set_tag(parent_id, "mlflow.note.content", "\n".join(note))
-    ui = ui_link(plan.tracking_uri, client.get_run(parent_id).info.experiment_id)
-    return "\n".join(x for x in [line, f"model: {model_uri}", f"runs table: {ui}"] if x)
+    return [x for x in [line, f"model: {model_uri}"] if x]

@@ -108,6 +108,7 @@ def rerank(client, parent_id: str, plan, ctx, results) -> dict[str, Any]:
     best_config.yaml) and ``summary`` (one line for the CLI)."""
     import yaml
 
+    from rewards.fidelity import undefined_reason
     from search.engine.tuning import best_result
     from search.record import tracking
 
@@ -118,7 +119,9 @@ def rerank(client, parent_id: str, plan, ctx, results) -> dict[str, Any]:
     proxy_scores = [float(t["score"]) for t in top]
     full_scores = [float(r["score"]) for r in full]
     report = rerank_report(proxy_scores, full_scores)
-    tracking.log_metrics(client, parent_id, report, 0)
+    why = undefined_reason(proxy_scores, full_scores, ("the proxy score", "the full score"))
+    tracking.log_metrics(client, parent_id, report, 0,
+                         why={k: why for k in ("rerank_spearman", "rerank_kendall")})
     for i, (p, f) in enumerate(zip(proxy_scores, full_scores)):
         tracking.log_metrics(client, parent_id, {"rerank_proxy_score": p,
                                                  "rerank_full_score": f}, i)
@@ -135,11 +138,12 @@ def rerank(client, parent_id: str, plan, ctx, results) -> dict[str, Any]:
         client.log_artifact(parent_id, str(path))
     w = pick_winner(full)
     win = top[w]
+    ranks = (f"rank correlation undefined ({why})" if why else
+             f"spearman={report['rerank_spearman']:.3f} kendall={report['rerank_kendall']:.3f}")
     summary = (f"rerank: top {len(top)} proxy trials re-scored with the full pipeline on "
-               f"{len(ctx.items)} images: spearman={report['rerank_spearman']:.3f} "
-               f"kendall={report['rerank_kendall']:.3f} regret={report['rerank_regret']:.4f}; "
-               f"full scores {[round(f, 4) for f in full_scores]} (proxy "
-               f"{[round(p, 4) for p in proxy_scores]}); winner: proxy rank {w}")
+               f"{len(ctx.items)} images: {ranks}, regret {100 * report['rerank_regret']:.2f} "
+               f"points; full scores (%) {[round(100 * f, 2) for f in full_scores]} (proxy "
+               f"{[round(100 * p, 2) for p in proxy_scores]}); winner: proxy rank {w}")
     print(summary, file=sys.stderr)
     record = {"top": plan.rerank_top, "proxy": proxy, "proxy_score": proxy_scores[w],
               "proxy_rank": w, **{k: float(v) for k, v in report.items()}}

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from methods.base import OvssError
+from search.core.console import python_command, score_text
 from search.engine import session
 
 
@@ -142,8 +143,9 @@ def run_search(plan) -> str:
                 raise OvssError(
                     f"the MLflow store {plan.tracking_uri} failed during the search "
                     f"({callback.offline}); the search finished: its trials and best config are "
-                    f"in {path.parent}; push them with: python -m search.sync --name "
-                    f"{plan.name} --storage {plan.storage} --tracking-uri {plan.tracking_uri}")
+                    f"in {path.parent}; push them with: "
+                    + python_command("-m", "search.sync", "--name", plan.name, "--storage",
+                                     str(plan.storage), "--tracking-uri", plan.tracking_uri))
             if getattr(plan, "rerank_top", 0):     # 6. re-ranking
                 from search.engine.rerank import rerank
 
@@ -158,18 +160,31 @@ def run_search(plan) -> str:
                 client.set_tag(parent_id, "ovss_orphaned_runs", str(len(callback.orphaned)))
             # 8. held-out images, description, model
             held = finish_search(client, parent_id, plan, best, ray_done=stop_ray)
-        return ((chosen["summary"] + "\n" if chosen else "") +
-                f"best {plan.reward['name']}={best['score']:.4f} with {best['params']}\n"
-                + (f"{held}\n" if held else "") +
-                f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}\n"
-                f"export: python -m search.export --method {r.method} --backbone "
-                f"{r.backbone_name} --dataset {plan.dataset_name} --tracking-uri "
-                f"{plan.tracking_uri}")
+        return "\n".join(summary_lines(plan, best, chosen, held, exp_name, exp_id, parent_id))
     finally:
         if stopping:
             stopping[0].join()
         elif started:
             session.shutdown_ray()
+
+
+def summary_lines(plan, best, chosen, held: list[str], exp_name: str, exp_id: str,
+                  parent_id: str) -> list[str]:
+    """What the CLI prints at the end of a search (stdout): the best config with its score in
+    percent (:mod:`search.core.console`), the held-out comparison and the model, where the
+    record is, then each next step as a command alone on its line that runs as printed."""
+    from search.engine.outputs import export_command
+    from search.record.tracking import ui_link
+
+    url, serve = ui_link(plan.tracking_uri, exp_id)
+    lines = [chosen["summary"]] if chosen else []
+    lines += [f"best {score_text(plan.reward['name'], best['score'])} with {best['params']}",
+              *held, f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}",
+              f"runs table: {url}" + (", served by:" if serve else "")]
+    if serve:
+        lines.append(f"  {serve}")
+    lines += ["export the best config:", "  " + export_command(plan)]
+    return lines
 
 
 def resume_target(exp_name: str, plan) -> str | None:

@@ -89,7 +89,8 @@ def _callbacks(plan, callback) -> list:
     from search.record.progress import ProgressLine
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    return [callback, ProgressLine(plan.num_samples), JsonLoggerCallback()]
+    return [callback, ProgressLine(plan.num_samples, metric=plan.reward["name"]),
+            JsonLoggerCallback()]
 
 
 def make_sampler(name: str, seed: int, num_samples: int):
@@ -152,10 +153,12 @@ def tune_search(plan, ctx, callback):
     # Tune reads it when fit() builds its controller; set for this search only (a second search
     # in the same process, such as --backbone a,b, gets its own), unless the user set it.
     slots = int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_trial, 1e-6))
+    from search.core.console import tune_env
     from search.engine.session import scoped_env
 
     pending_limit = scoped_env({"TUNE_MAX_PENDING_TRIALS_PG":
-                                str(max(1, min(slots, args.max_concurrent or slots)))})
+                                str(max(1, min(slots, args.max_concurrent or slots))),
+                                **tune_env(getattr(args, "verbose", False))})
     if args.resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)

@@ -1,10 +1,12 @@
 """A live progress line for a search, on stderr (Tune's own reporter is off: ``verbose=0``).
 
-    trials 12/32 done (3 pruned, 1 failed) | best 0.4312 (trial 7) | 0:04:10 elapsed, ~0:06:57 left
+    trials 12/32 done (3 pruned, 1 failed) | best mIoU 43.12 % (trial 7) | 0:04:10 elapsed,
+    ~0:06:57 left  (one line)
 
 On a terminal the line is rewritten in place (``\\r``); in a log file one line is written per
 finished trial. "Remaining" is the mean time per finished trial times the trials left (trials run
-concurrently, so it is the wall time at the current pace).
+concurrently, so it is the wall time at the current pace). Scores print in percent with their
+name (:mod:`search.core.console`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import time
 from typing import Any, TextIO
 
 from ray import tune
+
+from search.core.console import score_text
 
 
 def _hms(seconds: float) -> str:
@@ -25,8 +29,9 @@ class ProgressLine(tune.Callback):
     """Counts finished, pruned (stopped by ASHA before the last rung) and failed trials and
     keeps the best final score with its trial number (0 = the paper defaults)."""
 
-    def __init__(self, total: int, stream: TextIO | None = None):
+    def __init__(self, total: int, stream: TextIO | None = None, metric: str = "miou"):
         self.total = int(total)
+        self.metric = metric
         self.stream = stream
         self.start = time.time()
         self.done = self.pruned = self.failed = 0
@@ -51,7 +56,8 @@ class ProgressLine(tune.Callback):
         finished = self.done + self.failed
         elapsed = time.time() - self.start
         left = (elapsed / finished * (self.total - finished)) if finished else None
-        best = f"best {self.best[0]:.4f} (trial {self.best[1]})" if self.best else "best -"
+        best = (f"best {score_text(self.metric, self.best[0])} (trial {self.best[1]})"
+                if self.best else "best -")
         return (f"trials {finished}/{self.total} done ({self.pruned} pruned, {self.failed} "
                 f"failed) | {best} | {_hms(elapsed)} elapsed"
                 + (f", ~{_hms(left)} left" if left is not None else ""))

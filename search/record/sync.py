@@ -127,8 +127,8 @@ def sync(name: str, storage: str | Path, tracking_uri: str) -> dict[str, int]:
             status = "FAILED"
         elif t.status == "TERMINATED":
             if final is not None:
-                keep = {k: v for k, v in final.items() if k.startswith(
-                    ("iou/", "aacc", "detail/", "time/", "worker/"))}
+                keep = {k: v for k, v in final.items()
+                        if k.startswith(tracking.FINAL_METRIC_PREFIXES)}
                 tracking.log_metrics(client, run_id, {"score": final.get("score"),
                                                       metric: final.get("score"),
                                                       "images": final.get("images"), **keep},

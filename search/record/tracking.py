@@ -81,19 +81,39 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[i:i + 100])
 
 
+#: Keys of a trial's last result that its run keeps besides the headline score: per-class IoU,
+#: aAcc, method details, timings, memory, and the CLIP reward's own counts (``clip_wins``,
+#: ``clip_pairs``, ``clip_images``, ``clip_unscored_images``, ``clip_image_mean``).
+FINAL_METRIC_PREFIXES = ("iou/", "aacc", "detail/", "time/", "worker/", "clip_")
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
-                tags: Mapping[str, str] | None = None) -> None:
-    """Finite numeric ``metrics`` at ``step`` (and ``tags``) in as few store calls as MLflow's
-    batch limits allow (one for up to 500 metrics)."""
+                tags: Mapping[str, str] | None = None,
+                why: Mapping[str, str] | None = None) -> None:
+    """Numeric ``metrics`` at ``step`` (and ``tags``) in as few store calls as MLflow's batch
+    limits allow (one for up to 500 metrics).
+
+    Nothing vanishes without a word: a NaN value (an undefined metric: a rank correlation of a
+    constant ranking, the IoU of a class absent from predictions and labels) is logged as NaN,
+    which MLflow stores and shows; ``why[key]`` says why it is undefined, as the tag
+    ``ovss_undefined/<key>``. An infinite value cannot be stored: it is left out and named by
+    the tag ``ovss_nonfinite/<key>``. Non-numeric values (None, strings) are skipped."""
     import math
     import time
 
     from mlflow.entities import Metric, RunTag
 
     ts = int(time.time() * 1000)
-    items = [Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-    tag_items = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
+    numbers = {_metric_key(k): float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    items = [Metric(k, v, ts, step) for k, v in numbers.items() if not math.isinf(v)]
+    tag_map = {k: str(v)[:8000] for k, v in (tags or {}).items()}
+    for k, v in numbers.items():
+        if math.isinf(v):
+            tag_map[f"ovss_nonfinite/{k}"] = f"{v} (not stored)"
+        elif math.isnan(v) and why and why.get(k):
+            tag_map[f"ovss_undefined/{k}"] = str(why[k])[:8000]
+    tag_items = [RunTag(k, v) for k, v in tag_map.items()]
     for i in range(0, max(len(items), 1 if tag_items else 0), 500):
         client.log_batch(run_id, metrics=items[i:i + 500],
                          tags=tag_items if i == 0 else [])
@@ -156,14 +176,18 @@ def dataset_input(plan, context: str = "tuning"):
     return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
 
 
-def ui_link(tracking_uri: str, experiment_id: str) -> str:
-    """Where the MLflow UI shows the experiment's runs table. MLflow 3.17's UI picks GenAI or
-    model-training pages from a workflow switch (URL ``workflowType``, else the browser's last
-    choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag: the
-    link names the view, and a local UI is started with ``--app-name ovss``
-    (:mod:`search.mlflow_app`), which opens runs tables without it."""
+def ui_link(tracking_uri: str, experiment_id: str) -> tuple[str, str | None]:
+    """``(url, command)``: where the MLflow UI shows the experiment's runs table, and the command
+    that serves it (None for a tracking server, which serves it already). MLflow 3.17's UI picks
+    GenAI or model-training pages from a workflow switch (URL ``workflowType``, else the browser's
+    last choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag:
+    the link names the view, and a local UI is started with ``--app-name ovss``
+    (:mod:`search.mlflow_app`), which opens runs tables without it. The command runs as printed
+    (:func:`search.core.console.mlflow_command`)."""
+    from search.core.console import mlflow_command
+
     page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/{page}"
-    return (f"mlflow ui --app-name ovss --backend-store-uri {tracking_uri}, then "
-            f"http://127.0.0.1:5000/{page}")
+        return f"{tracking_uri.rstrip('/')}/{page}", None
+    return (f"http://127.0.0.1:5000/{page}",
+            mlflow_command("ui", "--app-name", "ovss", "--backend-store-uri", tracking_uri))

@@ -14,7 +14,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from search.record.tracking import TAG_ROLE, log_metrics, log_params
+from search.record.tracking import FINAL_METRIC_PREFIXES, TAG_ROLE, log_metrics, log_params
 from search.record.writer import Writer, guarded
 
 
@@ -239,7 +239,7 @@ class MlflowTrialCallback(tune.Callback):
             if "fidelity_miou" in last:
                 final["fidelity_miou"] = last["fidelity_miou"]
             final.update({k: v for k, v in last.items()
-                          if k.startswith(("iou/", "aacc", "detail/", "time/", "worker/"))})
+                          if k.startswith(FINAL_METRIC_PREFIXES)})
             log_metrics(self.client, run_id, final, int(last.get("images", 0)))
         self.client.set_terminated(run_id, status="FINISHED")
 
