@@ -74,12 +74,11 @@ def test_default_holdout_is_a_fifth_and_scored(ray_session, workdir, voc20_root,
 def _runs_in_a_fresh_shell(out: list[str], workdir) -> None:
     """The printed export command writes the config, and the printed ``mlflow ui`` command
     serves the printed runs-table page, each run by bash with a PATH that has no venv."""
+    import os
     import shlex
     import subprocess
 
     from tests.servers import free_port, http_status, stop
-
-    import os
 
     # A fresh shell: no virtual environment on PATH; only the test method's registration
     # (tests/conftest.py: the toy method lives in tests/) comes along.
