@@ -200,6 +200,24 @@ class Segmenter:
         ClassSet itself refuses (e.g. PnP's ``prompt_names`` mapping two classes to one word).
         Nothing by default."""
 
+    @classmethod
+    def search_settings(
+        cls,
+        backbone: Mapping[str, Any],
+        settings: Mapping[str, Any],
+        defaults: Mapping[str, Any],
+        space: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """The settings a search over ``space`` extracts with, decided before Ray starts.
+
+        By default ``settings`` as they are. A method may narrow what ``extract`` stores to what
+        the reachable knob values read (clipseg: the attention variants and SC-CLIP's layers),
+        and raise OvssError naming a reachable knob value no trial could decode. ``defaults``:
+        every knob's trial-0 value; ``space``: the searched knobs as plain dicts (``type``,
+        ``low`` / ``high`` / ``step`` or ``choices``).
+        """
+        return dict(settings)
+
     def settings_key(self) -> dict[str, Any]:
         """Everything besides the image that the knob-independent evidence depends on
         (backbone identity, image size, ...): part of the evidence cache key."""

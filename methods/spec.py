@@ -119,6 +119,8 @@ class Preset(_Strict):
     max_images: int | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
     set: dict[str, Any] = Field(default_factory=dict)
+    #: knob values that replace the paper defaults (trial 0) and stay searched (``set`` fixes)
+    defaults: dict[str, Any] = Field(default_factory=dict)
     proxy: ProxySpec | None = None      # merged over the method's proxy
     rerank_top: int | None = Field(default=None, ge=1)   # default of --rerank-top
 
@@ -166,6 +168,11 @@ class MethodSpec(_Strict):
         for k in self.space:
             if k not in self.defaults:
                 raise ValueError(f"space.{k}: knob has no entry in defaults")
+        for name, preset in self.presets.items():
+            for k in preset.defaults:
+                if k not in self.defaults:
+                    raise ValueError(f"presets.{name}.defaults: knob {k!r} has no entry in "
+                                     f"defaults")
         return self
 
 

@@ -26,7 +26,7 @@ from methods.clipseg.formulas import (
     relation_attention,
 )
 from methods.clipseg.reference import full_forward_labels, full_forward_probs
-from methods.clipseg.segmenter import VARIANTS
+from methods.clipseg.variants import DEFAULT_VARIANTS
 from methods.clipseg.vit import finish_block, split_qkv
 from methods.clipseg.windows import mosaic, separable_upsampling, window_grid
 
@@ -38,9 +38,15 @@ CLASSES = ClassSet(("background", "cat", "dog", "person"),
                    background=True)
 
 
+#: The knobs of scclip (tiny: 5 blocks) and PAMR (off).
+OFF = {"pre_adjust_idx": 2, "post_adjust_idx": 1, "multi_start_idx": 0, "multi_end_idx": 3,
+       "res_cls": 0.3, "adjust_beta": 0.4, "mid_gamma": 3.0, "pamr_steps": 0,
+       "pamr_dilations": "8,16"}
+
+
 def params(**kw):
     base = {"layer": 2, "tau": 6.0, "epsilon": 0.75, "dsi_start": -3, "attention": "cra",
-                "bg_threshold": 0.3, "min_pts": 3, "gaussian_std": 5.0}
+                "bg_threshold": 0.3, "min_pts": 3, "gaussian_std": 5.0, **OFF}
     return {**base, **kw}
 
 
@@ -356,7 +362,7 @@ def test_yaml_spec_and_smoke_preset_decode_speed():
         r = resolve(spec, backbone=name, dataset="voc21")
         assert set(r.defaults) >= {"layer", "tau", "epsilon", "dsi_start", "attention",
                                    "bg_threshold"}
-        assert set(r.space["attention"].choices) == set(VARIANTS)
+        assert set(r.space["attention"].choices) == set(DEFAULT_VARIANTS)
     preset = spec.presets["smoke"]
     r = resolve(spec, backbone=preset.backbone, dataset=preset.dataset, preset=preset)
     seg = SEGMENTER.from_spec(r.backbone, r.settings)

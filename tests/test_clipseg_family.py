@@ -17,7 +17,7 @@ from methods.base import ClassSet
 from methods.clipseg import SEGMENTER
 from methods.clipseg.protocols import PROTOCOLS, profile, reference_names
 from methods.clipseg.reference import full_forward_labels, full_forward_probs
-from methods.clipseg.segmenter import VARIANTS
+from methods.clipseg.variants import DEFAULT_VARIANTS, VARIANTS
 
 TINY = {"name": "tiny4", "tiny": {"width": 64, "layers": 4, "heads": 4, "patch_size": 8,
                                   "image_size": 32}}
@@ -26,9 +26,15 @@ ONE_WINDOW = {"protocol": "custom", "short_side": 32, "window": 32, "stride": 32
 CLASSES = ClassSet.from_names(["cat", "dog", "tree"])
 
 
+#: The knobs of scclip (tiny: 5 blocks) and PAMR (off).
+OFF = {"pre_adjust_idx": 2, "post_adjust_idx": 1, "multi_start_idx": 0, "multi_end_idx": 3,
+       "res_cls": 0.3, "adjust_beta": 0.4, "mid_gamma": 3.0, "pamr_steps": 0,
+       "pamr_dilations": "8,16"}
+
+
 def params(**kw):
     base = {"layer": 2, "tau": 6.0, "epsilon": 0.75, "dsi_start": -1, "attention": "cra",
-            "bg_threshold": 0.3, "min_pts": 3, "gaussian_std": 5.0}
+            "bg_threshold": 0.3, "min_pts": 3, "gaussian_std": 5.0, **OFF}
     return {**base, **kw}
 
 
@@ -201,24 +207,25 @@ def test_protocol_tables_hold_the_official_values():
                     assert reference_names(src, ds)
 
 
-VOC_TINY = {"protocol": "sclip", "dataset": "voc21", "short_side": 40, "window": 32,
+#: 36 patches a window (scclip's LOF takes 30 neighbours unclamped), 3 overlapping windows.
+VOC_TINY = {"protocol": "sclip", "dataset": "voc21", "short_side": 48, "window": 48,
             "stride": 16, "templates": "simple", "evidence_dtype": "float32"}
 
 
-@pytest.mark.parametrize("protocol", ["sclip", "naclip", "clearclip", "cra"])
+@pytest.mark.parametrize("protocol", ["sclip", "naclip", "clearclip", "cra", "scclip"])
 def test_protocol_decode_equals_full_forward(protocol, image):
     from search.data.spec import load_spec as load_dataset_spec
 
     spec = load_dataset_spec("voc21")
     classes = ClassSet(tuple(spec.classes), tuple(tuple(p) for p in spec.prompts), True)
-    settings = {**VOC_TINY, "protocol": protocol}
+    settings = {**VOC_TINY, "protocol": protocol, "variants": list(VARIANTS)}
     if protocol == "naclip":
         settings.pop("window"), settings.pop("stride")       # whole image, as NACLIP on VOC
     s = SEGMENTER.from_spec(TINY, settings)
     img = np.random.default_rng(5).integers(0, 256, (37, 52, 3), dtype=np.uint8)
     ev = s.extract(img, classes)
     names = len(ev.tensors["text"])
-    if protocol in ("sclip", "naclip"):
+    if protocol in ("sclip", "naclip", "scclip"):
         assert names == 20 + 26 + 6 + 4 and ev.meta["bg_mode"] == "query"
     elif protocol == "clearclip":
         assert names == 21 and ev.meta["bg_mode"] == "query"
@@ -279,7 +286,7 @@ def test_smoke_search_samples_the_variants_exports_and_infers(ray_session, workd
     cfg = yaml.safe_load(out.read_text())
     assert cfg["settings"]["protocol"] == "sclip"
     image = sorted((workdir / ".ovss" / "smoke" / "voc21" / "JPEGImages").iterdir())[0]
-    for variant in VARIANTS:                               # inference runs each variant
+    for variant in DEFAULT_VARIANTS:                       # inference runs each variant
         one = workdir / f"tuned-{variant}.yaml"
         one.write_text(yaml.safe_dump({**cfg, "params": {**cfg["params"],
                                                          "attention": variant}}))

@@ -17,6 +17,8 @@ class-name lists are embedded. Sources (file and line) are in docs/clipseg.md.
   run on the whole image (``slide_crop=0``).
 - ``clearclip``: mc-lan/ClearCLIP configs and segmentor defaults; names from its
   ``configs/cls_*.txt`` (no synonyms, class 0 is the query ``background``).
+- ``scclip``: SuleBai/SC-CLIP 0417ba9 configs (name files md5-identical to SCLIP's): short
+  side 336 (Cityscapes 560), 224 / 112 everywhere, its own logit scales and thresholds.
 - ``custom``: the plain settings; unset ones take 448 / 224 / 112, logit scale 40 and our
   threshold rule (clipseg's settings before the protocols existed).
 
@@ -85,6 +87,15 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "context60": {**_QUERY, "prob_threshold": 0.15},
         "coco_object": {**_QUERY, "prob_threshold": 0.4},
         "cityscapes": {"window": 224, "stride": 224},
+    },
+    "scclip": {
+        "base": {"short_side": 336, "window": 224, "stride": 112, "logit_scale": 40.0,
+                 "background": "threshold", "prob_threshold": None, "area_threshold": None,
+                 "names": "sclip"},
+        "voc21": {**_QUERY, "logit_scale": 50.0, "prob_threshold": 0.15, "area_threshold": 0.1},
+        "context60": {**_QUERY, "prob_threshold": 0.15},
+        "coco_object": {**_QUERY, "logit_scale": 55.0, "prob_threshold": 0.35},
+        "cityscapes": {"short_side": 560},
     },
     # the plain settings; what is still unset takes the values clipseg used before protocols
     "custom": {"base": {"short_side": 448, "window": 224, "stride": 112, "logit_scale": 40.0,

@@ -2,9 +2,11 @@
 
 ``full_forward_probs(seg, image, classes, params)`` walks every window through open_clip's own
 blocks (``block(x)``), builds the reformed final block for the given knobs from the recorded
-block inputs, and does the family's sliding-window upsampling one ``F.interpolate`` at a time.
-It shares no shortcut with extract/decode (no Gram packing, no pre-multiplied out_proj, no
-separable upsampling), so the tests use it as the ground truth for ``decode(extract(x), p)`` and
+block inputs, does the family's sliding-window upsampling one ``F.interpolate`` at a time and,
+with ``pamr_steps`` > 0, PAMR where NACLIP runs it (on the cosines at the original size, guided
+by the normalised input resized there). It shares no shortcut with extract/decode (no Gram
+packing, no pre-multiplied out_proj, no separable upsampling, no stored anomaly fill or fused
+pieces for scclip), so the tests use it as the ground truth for ``decode(extract(x), p)`` and
 ``bench/clipseg.py`` times it as the naive search.
 """
 
@@ -28,9 +30,18 @@ from methods.clipseg.formulas import (
     relation_attention,
 )
 from methods.clipseg.labels import labels_from_probs, names_to_classes
+from methods.clipseg.scclip import (
+    FinalAttention,
+    adjust_weights,
+    anomalous_tokens,
+    cosine_gram,
+    fill_anomalies,
+    self_calibrated_attention,
+)
 from methods.clipseg.segmenter import ClipSegSegmenter
 from methods.clipseg.vit import embed_windows
 from methods.clipseg.windows import window_batch, window_grid
+from methods.pamr import pamr, parse_dilations
 
 
 def _keys(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -40,9 +51,42 @@ def _keys(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def scclip_features(seg: ClipSegSegmenter, pixels: torch.Tensor,
+                    params: Mapping[str, Any]) -> torch.Tensor:
+    """SC-CLIP's dense features of the windows (B x P x E, unit norm) for one knob setting."""
+    visual = seg.visual
+    blocks = visual.transformer.resblocks
+    x = embed_windows(visual, pixels)
+    feats = []
+    for block in blocks[:-1]:
+        x = block(x)
+        feats.append(x)
+    grid = (pixels.shape[-2] // seg.patch, pixels.shape[-1] // seg.patch)
+    flags = anomalous_tokens(feats[-1][:, 1:], int(seg.settings["lof_neighbors"]),
+                             float(seg.settings["lof_contamination"]))
+    beta, gamma, res = (float(params["adjust_beta"]), float(params["mid_gamma"]),
+                        float(params["res_cls"]))
+    m = cosine_gram(fill_anomalies(feats[int(params["pre_adjust_idx"])][:, 1:], flags, grid))
+    x = adjust_weights(m, beta) @ fill_anomalies(feats[-1][:, 1:], flags, grid)
+    final = blocks[-1]
+    dim = x.shape[-1]
+    w, b = final.attn.in_proj_weight, final.attn.in_proj_bias
+    block = FinalAttention(final.ln_1, w[dim:2 * dim], b[dim:2 * dim], w[2 * dim:], b[2 * dim:],
+                           final.attn.out_proj, final.attn.num_heads)
+    out = self_calibrated_attention(x, m, block, gamma) + res * feats[-1][:, :1]
+    w_post = adjust_weights(cosine_gram(feats[int(params["post_adjust_idx"])][:, 1:]), beta)
+    s = torch.stack(feats[int(params["multi_start_idx"]):int(params["multi_end_idx"])]).sum(0)
+    fused = self_calibrated_attention(s[:, 1:], m, block, gamma) + res * s[:, :1]
+    z = w_post @ out + w_post @ fused
+    return F.normalize(visual.ln_post(z) @ visual.proj, dim=-1)
+
+
+@torch.no_grad()
 def window_features(seg: ClipSegSegmenter, pixels: torch.Tensor,
                     params: Mapping[str, Any]) -> torch.Tensor:
     """Dense features Z of the windows (B x P x E, unit norm) for one knob setting."""
+    if params["attention"] == "scclip":
+        return scclip_features(seg, pixels, params)
     visual = seg.visual
     blocks = visual.transformer.resblocks
     n = len(blocks)
@@ -113,6 +157,11 @@ def full_forward_probs(seg: ClipSegSegmenter, image: np.ndarray, classes: ClassS
             count[:, y:y + grid.wh, x:x + grid.ww] += 1
     logits = F.interpolate((canvas / count)[None], size=image.shape[:2], mode="bilinear",
                            align_corners=False)[0]
+    if int(params["pamr_steps"]) > 0:               # NACLIP naclip.py 126-132
+        guide = F.interpolate(pixels[None], size=image.shape[:2], mode="bilinear",
+                              align_corners=False)[0]
+        logits = pamr(guide, logits, int(params["pamr_steps"]),
+                      parse_dilations(params["pamr_dilations"]))
     probs = torch.softmax(float(seg.settings["logit_scale"]) * logits, 0)
     return names_to_classes(probs, owner)
 

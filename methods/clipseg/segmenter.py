@@ -1,7 +1,9 @@
 """``ClipSegSegmenter``: extract once per image (one ViT pass per window), decode per trial.
 
 Evidence of one image (W windows of T = 1 + P tokens, width D, L blocks, K = 4 DSI terms,
-N names; ``evidence_dtype`` float16 by default, measured against float32 in the tests):
+N names; ``evidence_dtype`` float16 by default, measured against float32 in the tests). A
+variant-specific tensor is stored only when a variant of ``settings.variants`` reads it
+(variants.py; null: every variant but scclip):
 
 ==================  =============================  ========================================
 ``key_gram``        (L-1) x W x T(T+1)/2, dtype    upper triangle of k_l k_l^T, blocks 1..L-1
@@ -10,14 +12,19 @@ N names; ``evidence_dtype`` float16 by default, measured against float32 in the 
 ``final_keys``      W x T x D, dtype               k_L, raw (naclip per head, kk_last's Gram)
 ``fixed_cos``       7 x W x P x N, dtype           cosines of the knob-free variants: qk for
                                                    dsi_start -1..-4, clearclip, sclip, maskclip
+``sc_*``            scclip.py (``scclip_evidence``) SC-CLIP: X_{L-2} filled, cosine Grams of the
+                                                   pre / post layers, pieces of the fused sum
 ``rows``, ``cols``  H x A gh, W x B gw, float32    separable window upsampling (windows.py)
 ``text``            N x E, float32                 template-averaged name embeddings
+``image``           H' x W' x 3 uint8              the resized image the ViT saw (PAMR's guide)
 ==================  =============================  ========================================
 
 sclip and maskclip keep the final block's residual and FFN; they have no knob, so their
 dense features are finished at extract and only their cosines are kept (x_{L-1} is not stored).
-Decode runs no transformer block: it reads ln_post, proj and out_proj from the decode head
-(head.py), which is all a trial worker decoding cached evidence builds (``from_decode_state``).
+Decode runs no transformer block: it reads ln_post, proj, out_proj (and for scclip the final
+block's ln_1 and key / value projections) from the decode head (head.py), which is all a trial
+worker decoding cached evidence builds (``from_decode_state``). ``pamr_steps`` > 0 refines the
+cosines at the original size with PAMR (methods/pamr.py) before the logit scale, as NACLIP does.
 """
 
 from __future__ import annotations
@@ -31,14 +38,6 @@ import torch.nn.functional as F
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
 from methods.clipseg.backbone import TEMPLATES, load_clip, name_embeddings, tiny_model_name
-from methods.clipseg.family import attend, fixed_outputs, naclip_probs, self_attention
-from methods.clipseg.formulas import (
-    coherence_residual_attention,
-    dense_output,
-    integrated_value,
-    key_gram,
-    relation_attention,
-)
 from methods.clipseg.head import (
     HEAD_VERSION,
     decode_head,
@@ -47,8 +46,18 @@ from methods.clipseg.head import (
     same_head,
 )
 from methods.clipseg.labels import labels_from_probs, names_to_classes, upsample
-from methods.clipseg.packing import pack_symmetric, unpack_symmetric
 from methods.clipseg.protocols import PROFILE_KEYS, apply_protocol, class_prompts
+from methods.clipseg.reach import check_scclip_layers, search_settings
+from methods.clipseg.scclip import FinalAttention, fused_pieces, scclip_evidence
+from methods.clipseg.variants import (
+    DSI_TERMS,
+    VARIANTS,
+    check_params,
+    check_variants,
+    stored_tensors,
+    window_cosines,
+    window_tensors,
+)
 from methods.clipseg.vit import window_pass
 from methods.clipseg.windows import (
     mosaic,
@@ -59,21 +68,20 @@ from methods.clipseg.windows import (
     window_grid,
 )
 from methods.deferred import Deferred
+from methods.pamr import pamr, parse_dilations
 
-#: CRA paper Table 4 rows, then the family's final blocks (family.py).
-VARIANTS = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip")
-#: Rows of ``fixed_cos``: qk for dsi_start -1..-4, then the knob-free family blocks.
-FIXED = ("qk-1", "qk-2", "qk-3", "qk-4", "clearclip", "sclip", "maskclip")
-DSI_TERMS = 4
+__all__ = ["VARIANTS", "ClipSegSegmenter"]
 SETTINGS: dict[str, Any] = {
     "seed": 0, "protocol": "cra", "dataset": None, "templates": "imagenet80",
-    "evidence_dtype": "float16", "chunk": 16, **{k: None for k in PROFILE_KEYS},
+    "evidence_dtype": "float16", "chunk": 16, "variants": None, "scclip_layers": None,
+    "lof_neighbors": 30, "lof_contamination": 0.05, **{k: None for k in PROFILE_KEYS},
 }
 #: Settings that change extract's output (the rest only change decode).
 EXTRACT_SETTINGS = ("short_side", "window", "stride", "templates", "evidence_dtype", "names",
-                    "dataset", "background")
+                    "dataset", "background", "variants", "scclip_layers", "lof_neighbors",
+                    "lof_contamination")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-VERSION = 2
+VERSION = 3
 
 
 class ClipSegSegmenter(Segmenter):
@@ -93,6 +101,7 @@ class ClipSegSegmenter(Segmenter):
             raise OvssError(f"clipseg: evidence_dtype must be one of {sorted(DTYPES)}")
         if self.settings["templates"] not in TEMPLATES:
             raise OvssError(f"clipseg: templates must be one of {sorted(TEMPLATES)}")
+        self.variants = check_variants(self.settings["variants"])
         self.model_name, self.device = model_name, device
         self.backbone = {k: backbone[k] for k in ("name", "model", "pretrained", "path", "tiny")
                          if k in backbone}
@@ -120,6 +129,14 @@ class ClipSegSegmenter(Segmenter):
             self.ln_post = frozen_layer_norm(t["ln_post.weight"].float(),
                                               t["ln_post.bias"].float(), eps)
             self.proj = t["proj"].float()
+            dim, kv_bias = self.proj.shape[0], t.get("in_proj_kv.bias")
+            kv = t["in_proj_kv.weight"].float()
+            self.final_attention = FinalAttention(
+                frozen_layer_norm(t["ln_1.weight"].float(), t["ln_1.bias"].float(),
+                                  float(m["ln_1_eps"])),
+                kv[:dim], None if kv_bias is None else kv_bias[:dim].float(),
+                kv[dim:], None if kv_bias is None else kv_bias[dim:].float(),
+                self.out_proj, self.heads)
             self.mean = t["image_mean"].float().view(3, 1, 1)
             self.std = t["image_std"].float().view(3, 1, 1)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -128,6 +145,8 @@ class ClipSegSegmenter(Segmenter):
         if self.num_layers < DSI_TERMS:
             raise OvssError(f"clipseg: the ViT needs at least {DSI_TERMS} blocks for DSI, "
                             f"{self.model_name} has {self.num_layers}")
+        self.scclip_layers = check_scclip_layers(self.settings["scclip_layers"], self.variants,
+                                                 self.num_layers)
         self._head = head
 
     @classmethod
@@ -153,6 +172,13 @@ class ClipSegSegmenter(Segmenter):
     def decode_state(self) -> Evidence:
         """The decode head: everything decode reads from the model (see :func:`decode_head`)."""
         return self._head
+
+    @classmethod
+    def search_settings(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
+                        defaults: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]]
+                        ) -> dict[str, Any]:
+        """The variants and SC-CLIP layers a search over ``space`` can reach (reach.py)."""
+        return search_settings(backbone, settings, defaults, space)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -217,11 +243,19 @@ class ClipSegSegmenter(Segmenter):
         return self._text[key]
 
     # --- extract -------------------------------------------------------------------------------
+    def resized(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 -> H'xW'x3 uint8, the short side resized (windows.py)."""
+        return resize_image(image, resized_size(*image.shape[:2],
+                                                int(self.settings["short_side"])))
+
+    def normalise(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 -> 3 x H x W float32 with the model's mean and std."""
+        img = torch.from_numpy(np.ascontiguousarray(image))
+        return (img.permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 -> normalised 3 x H' x W' float32 (short side resized)."""
-        size = resized_size(*image.shape[:2], int(self.settings["short_side"]))
-        img = torch.from_numpy(np.ascontiguousarray(resize_image(image, size)))
-        return (img.permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+        return self.normalise(self.resized(image))
 
     def geometry(self, size: tuple[int, int]) -> tuple[int, int]:
         """(window, stride) in px for a resized image; window 0 = the whole image."""
@@ -241,104 +275,75 @@ class ClipSegSegmenter(Segmenter):
         image = check_image(image)
         names, owner = self.class_names(classes)
         text = self.text_embeddings(names)
-        pixels = self.preprocess(image)
+        small = self.resized(image)
+        pixels = self.normalise(small)
         size = tuple(pixels.shape[1:])
         grid = window_grid(size, *self.geometry(size), self.patch)
         windows = window_batch(pixels, grid)
         dtype = DTYPES[self.settings["evidence_dtype"]]
         final = self.visual.transformer.resblocks[-1]
-        w_o = final.attn.out_proj.weight.float()
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                                ("key_gram", "values", "value_last",
-                                                 "final_keys", "fixed_cos")}
+        keep = stored_tensors(self.variants)
+        scclip = "scclip" in self.variants
+        parts: dict[str, list[torch.Tensor]] = {}
         chunk = max(1, int(self.settings["chunk"]))
         for i in range(0, len(windows), chunk):
-            ev = window_pass(self.visual, windows[i:i + chunk].to(self.device), DSI_TERMS)
-            values = torch.stack([integrated_value(ev.terms, -n) @ w_o.T  # V, dsi_start -n
-                                  for n in range(2, DSI_TERMS + 1)])
-            qk = self_attention(ev.q, ev.k, self.heads)[:, :, 1:]       # patch rows, per head
-            outs = [attend(qk, integrated_value(ev.terms, -n), final.attn.out_proj)
-                    for n in range(1, DSI_TERMS + 1)]
-            outs += [z[:, 1:] for z in fixed_outputs(final, ev.x, ev.q, ev.k,
-                                                     ev.terms[0]).values()]
-            cos = torch.stack([self.features(z) @ text.T for z in outs])
-            for key, t in (("key_gram", pack_symmetric(ev.grams)), ("values", values),
-                           ("value_last", ev.terms[0]), ("final_keys", ev.k),
-                           ("fixed_cos", cos)):
-                parts[key].append(t.to(dtype).cpu())
+            ev = window_pass(self.visual, windows[i:i + chunk].to(self.device), DSI_TERMS,
+                             keep_stream=scclip)
+            out = window_tensors(ev, final, lambda z: self.features(z) @ text.T, keep)
+            if scclip:
+                out.update(scclip_evidence(ev.stream, (grid.gh, grid.gw), self.scclip_layers,
+                                           int(self.settings["lof_neighbors"]),
+                                           float(self.settings["lof_contamination"])))
+            for key, t in out.items():
+                parts.setdefault(key, []).append(t.to(torch.uint8 if key == "sc_flags"
+                                                      else dtype).cpu())
         rows, cols = separable_upsampling(grid, image.shape[:2])
-        batch_dim = {"key_gram": 1, "values": 1, "fixed_cos": 1}
+        batch_dim = {"key_gram": 1, "values": 1, "fixed_cos": 1, "sc_gram_pre": 1,
+                     "sc_gram_post": 1, "sc_fuse": 1}
         tensors = {k: torch.cat(v, batch_dim.get(k, 0)).contiguous() for k, v in parts.items()}
-        tensors.update({"rows": rows, "cols": cols, "text": text.clone()})
+        tensors.update({"rows": rows, "cols": cols, "text": text.clone(),
+                        "image": torch.from_numpy(np.ascontiguousarray(small))})
         meta = {"background": classes.background, "bg_mode": self.background_mode(classes),
                 "num_classes": len(classes.names), "name_class": owner,
                 "image_size": list(image.shape[:2]),
                 "grid": [len(grid.ys), len(grid.xs), grid.gh, grid.gw],
-                "tokens": 1 + grid.gh * grid.gw, "layers": self.num_layers}
+                "tokens": 1 + grid.gh * grid.gw, "layers": self.num_layers,
+                "variants": list(self.variants)}
+        if scclip:
+            meta["sc_layers"] = self.scclip_layers
+            meta["sc_pieces"] = [list(p) for p in fused_pieces(
+                tuple(self.scclip_layers["start"]), tuple(self.scclip_layers["end"]))]
         return Evidence(tensors, meta)
 
     # --- decode --------------------------------------------------------------------------------
     def check_params(self, params: Mapping[str, Any], layers: int) -> None:
-        variant = params["attention"]
-        if variant not in VARIANTS:
-            raise OvssError(f"clipseg: attention must be one of {VARIANTS}, got {variant!r}")
-        if variant in ("kk_mid", "cra") and not 1 <= int(params["layer"]) <= layers - 1:
-            raise OvssError(f"clipseg: layer must be in 1..{layers - 1} (1-based block index), "
-                            f"got {params['layer']}")
-        if variant in ("qk", "kk_last", "kk_mid", "cra") and not (
-                -DSI_TERMS <= int(params["dsi_start"]) <= -1):
-            raise OvssError(f"clipseg: dsi_start must be in -{DSI_TERMS}..-1, "
-                            f"got {params['dsi_start']}")
-        if variant == "naclip" and not float(params["gaussian_std"]) > 0:
-            raise OvssError(f"clipseg: gaussian_std must be > 0, got {params['gaussian_std']}")
-
-    def attention_probs(self, ev: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """softmax(Attn) for the patch rows, one map for all heads: W x P x T float32
-        (Eq. 3 and the kk variants)."""
-        variant = params["attention"]
-        t = int(ev.meta["tokens"])
-        if variant == "kk_last":
-            gram = key_gram(ev.tensors["final_keys"])[:, 1:]
-        else:
-            gram = unpack_symmetric(ev.tensors["key_gram"][int(params["layer"]) - 1], t)[:, 1:]
-        relation = None
-        if variant == "cra":
-            g = relation_attention(gram[:, :, 1:], float(params["epsilon"]),
-                                   int(params["min_pts"]))
-            relation = F.pad(g, (1, 0))                  # the class token column: no relation
-        return torch.softmax(coherence_residual_attention(gram, float(params["tau"]), relation),
-                             dim=-1)
+        check_params(params, layers)
 
     def window_cosines(self, ev: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """Cosine of every patch with every name: W x P x N float32."""
-        variant = params["attention"]
-        if variant == "qk":
-            return ev.tensors["fixed_cos"][-int(params["dsi_start"]) - 1].float()
-        if variant in FIXED:
-            return ev.tensors["fixed_cos"][FIXED.index(variant)].float()
-        if variant == "naclip":
-            gh, gw = ev.meta["grid"][2:]
-            probs = naclip_probs(ev.tensors["final_keys"], self.heads, (gh, gw),
-                                 float(params["gaussian_std"]))
-            z = attend(probs, ev.tensors["value_last"], self.out_proj)
-        else:
-            attn = self.attention_probs(ev, params)
-            dsi = -int(params["dsi_start"])
-            if dsi == 1:   # Proj(A v_L) = (A v_L) W_o^T + b_o
-                z = self.out_proj(attn @ ev.tensors["value_last"].float())
-            else:
-                z = dense_output(attn, ev.tensors["values"][dsi - 2], out_bias=self.out_bias,
-                                 probabilities=True)
-        return self.features(z) @ ev.tensors["text"].float().T
+        """Cosine of every patch with every name: W x P x N float32 (variants.py)."""
+        return window_cosines(self, ev, params)
+
+    def guide_image(self, evidence: Evidence) -> torch.Tensor:
+        """PAMR's image, as NACLIP builds it: the normalised network input resized (bilinear)
+        to the original size. 3 x H x W float32."""
+        pixels = self.normalise(evidence.tensors["image"].numpy())
+        return F.interpolate(pixels[None], size=tuple(evidence.meta["image_size"]),
+                             mode="bilinear", align_corners=False)[0]
 
     def scaled_logits(self, evidence: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
         """``logit_scale * cos`` of every name at the original image size: H x N x W
         float32 (this layout makes both upsampling products plain matrix products)."""
         meta = evidence.meta
         self.check_params(params, int(meta["layers"]))
-        cos = self.window_cosines(evidence, params) * float(self.settings["logit_scale"])
-        x = mosaic(cos, *meta["grid"])                                     # N x Agh x Bgw
-        return upsample(x, evidence.tensors["rows"], evidence.tensors["cols"])
+        scale, steps = float(self.settings["logit_scale"]), int(params["pamr_steps"])
+        cos = self.window_cosines(evidence, params)
+        if steps == 0:
+            x = mosaic(cos * scale, *meta["grid"])                         # N x Agh x Bgw
+            return upsample(x, evidence.tensors["rows"], evidence.tensors["cols"])
+        x = upsample(mosaic(cos, *meta["grid"]), evidence.tensors["rows"],
+                     evidence.tensors["cols"]).permute(1, 0, 2)              # N x H x W
+        x = pamr(self.guide_image(evidence), x, steps, parse_dilations(params["pamr_dilations"]))
+        return x.mul_(scale).permute(1, 0, 2)
 
     def threshold(self, params: Mapping[str, Any]) -> float:
         """The background probability threshold: the protocol's ``prob_threshold`` when it

@@ -31,6 +31,8 @@ class WindowEvidence:
     x:      B x T x D, the final block's input x_{L-1}.
     q, k:   B x T x D, the final block's queries and keys (heads concatenated).
     terms:  K x B x T x D, [v_L, v~_{L-1}, ..., v~_{L-K+1}], raw (before out_proj).
+    stream: (L - 1) x B x T x D, the residual stream after blocks 1..L-1 (X_0..X_{L-2}; the
+            last is ``x``), or None when not asked for.
     """
 
     grams: torch.Tensor
@@ -38,6 +40,7 @@ class WindowEvidence:
     q: torch.Tensor
     k: torch.Tensor
     terms: torch.Tensor
+    stream: torch.Tensor | None = None
 
 
 def embed_windows(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -80,15 +83,17 @@ def finish_block(block: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Te
 
 
 @torch.no_grad()
-def window_pass(visual: nn.Module, pixels: torch.Tensor, dsi_terms: int) -> WindowEvidence:
+def window_pass(visual: nn.Module, pixels: torch.Tensor, dsi_terms: int,
+                keep_stream: bool = False) -> WindowEvidence:
     """Run the ViT once over windows (B x 3 x ph x pw) and collect :class:`WindowEvidence`.
 
     ``dsi_terms`` = K: v_L plus the regenerated values of the K - 1 blocks before the last.
+    ``keep_stream``: also keep every block's output but the last (SC-CLIP's ``feats_list``).
     """
     blocks = visual.transformer.resblocks
     n = len(blocks)
     x = embed_windows(visual, pixels)
-    grams, inputs = [], {}
+    grams, inputs, stream = [], {}, []
     for i, block in enumerate(blocks):
         q, k, v = split_qkv(block, x)
         if i == n - 1:
@@ -97,7 +102,10 @@ def window_pass(visual: nn.Module, pixels: torch.Tensor, dsi_terms: int) -> Wind
         if i >= n - dsi_terms:
             inputs[i] = x                                               # input of block i + 1
         x = finish_block(block, x, q, k, v)
+        if keep_stream:
+            stream.append(x)
     final = blocks[-1]
     terms = [v] + [deep_value(deep_layer_output(inputs[i], blocks[i]), final)
                    for i in range(n - 2, n - 1 - dsi_terms, -1)]
-    return WindowEvidence(torch.stack(grams), x, q, k, torch.stack(terms).float())
+    return WindowEvidence(torch.stack(grams), x, q, k, torch.stack(terms).float(),
+                          torch.stack(stream) if keep_stream else None)

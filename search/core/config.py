@@ -58,7 +58,7 @@ def resolve(
         settings.update(spec.datasets[dataset].settings)
     if preset is not None:
         settings.update(preset.settings)
-    defaults = {**spec.defaults, **bb.defaults}
+    defaults = {**spec.defaults, **bb.defaults, **(preset.defaults if preset else {})}
     space = {**spec.space, **bb.space}
     loading = bb.loading_fields(name)
     all_overrides = {**(preset.set if preset else {}), **(overrides or {})}

@@ -57,6 +57,11 @@ def plan_search(args: argparse.Namespace) -> Plan:
         raise OvssError("no data set: give --dataset (and --data-root)")
     backbone = args.backbone or (preset.backbone if preset else None)
     resolved = cfg.resolve(spec, backbone, dataset, cfg.parse_set(args.set), preset)
+    from methods import get_segmenter_class
+
+    resolved.settings = get_segmenter_class(args.method).search_settings(
+        resolved.backbone, resolved.settings, resolved.defaults,
+        {k: p.model_dump(exclude_none=True) for k, p in resolved.space.items()})
     if args.num_samples is not None and args.num_samples < 1:
         raise OvssError(f"--num-samples {args.num_samples}: must be at least 1")
     if args.gpus_per_trial < 0:
