@@ -76,6 +76,27 @@ CASES.flags("set-backbone-unknown-field", "--set", "backbone.nosuch=1", names=("
 CASES.flags("set-backbone-name", "--set", "backbone.name=other", names=("backbone.name",
                                                                         "--backbone"))
 
+
+# --- clipseg knobs no trial could decode (methods/clipseg/reach.py, before Ray) -----------------
+def clipseg_flags(name: str, *extra: str, names: tuple[str, ...]):
+    """A clipseg search (tiny ViT of 4 blocks: SC-CLIP's layers 0..2) plus ``extra`` flags."""
+    case(name)(lambda w: (["--method", "clipseg", "--backbone", "tiny", "--dataset", "voc21",
+                           "--data-root", str(w.voc_src), "--num-samples", "2", *extra], names))
+
+
+clipseg_flags("clipseg-scclip-layer-index-out-of-range", "--preset", "scclip",
+              "--set", "space.pre_adjust_idx.high=5",
+              names=("pre_adjust_idx reaches 1..5", "0..2"))
+clipseg_flags("clipseg-scclip-fused-ranges-overlap", "--preset", "scclip",
+              "--set", "space.multi_start_idx.high=2", names=("multi_start_idx", "multi_end_idx"))
+clipseg_flags("clipseg-pamr-empty-dilation-list",
+              "--set", "space.pamr_dilations.choices=['8,16', '']",
+              names=("pamr_dilations", "''"))
+clipseg_flags("clipseg-pamr-negative-steps", "--set", "space.pamr_steps.low=-5",
+              names=("pamr_steps reaches -5",))
+clipseg_flags("clipseg-pamr-negative-steps-fixed", "--set", "pamr_steps=-1",
+              names=("pamr_steps=-1", "[0, 20]"))
+
 # --- unknown and malformed names -----------------------------------------------------------------
 CASES.flags("unknown-backbone", "--backbone", "vit-z", names=("'vit-z'", "tiny, other"))
 CASES.flags("unknown-split", "--split", "nosplit", names=("'nosplit'", "val, train"))

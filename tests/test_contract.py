@@ -65,7 +65,7 @@ def _voc_classes() -> ClassSet:
 
 
 # --- clipseg: every variant, and every protocol with its own variant ---------------------------
-def _clipseg_case(attention: str, protocol: str) -> Case:
+def _clipseg_case(attention: str, protocol: str, **knobs: Any) -> Case:
     from methods.clipseg import SEGMENTER
     from methods.clipseg.reference import full_forward_labels
 
@@ -75,15 +75,19 @@ def _clipseg_case(attention: str, protocol: str) -> Case:
     geom = {"short_side": 48, "window": 32, "stride": 16}
     if protocol == "naclip":
         geom = {"short_side": 40}                         # whole image, as NACLIP on VOC
-    settings = {**r.settings, **geom, "protocol": protocol, "templates": "simple"}
+    if attention == "scclip":         # 36 patches a window: LOF's 30 neighbours (no clamp)
+        geom = {"short_side": 48, "window": 48, "stride": 16}
+    settings = {**r.settings, **geom, "protocol": protocol, "templates": "simple",
+                "variants": [attention]}
 
     def make(dtype: str) -> Segmenter:
-        return _cached(("clipseg-" + protocol, dtype), lambda: SEGMENTER.from_spec(
+        return _cached(("clipseg-" + protocol + attention, dtype), lambda: SEGMENTER.from_spec(
             tiny, {**settings, "evidence_dtype": dtype}))
 
     p = {**r.defaults, "attention": attention, "layer": 2, "bg_threshold": 0.07,
-         "min_pts": 2}
-    return Case(f"clipseg-{attention}-{protocol}", make, p, _voc_classes(),
+         "min_pts": 2, **knobs}
+    tag = "-pamr" if knobs.get("pamr_steps") else ""
+    return Case(f"clipseg-{attention}-{protocol}{tag}", make, p, _voc_classes(),
                 lambda seg, img, cs, prm, present: full_forward_labels(seg, img, cs, prm))
 
 
@@ -123,11 +127,22 @@ def _fseg_case(backbone: str) -> Case:
                 present=[1, 3], size=(40, 60))
 
 
-VARIANTS = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip")
+VARIANTS = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip",
+            "scclip")
 CASES = {
-    **{f"clipseg-{v}-cra": (lambda v=v: _clipseg_case(v, "cra")) for v in VARIANTS},
+    **{f"clipseg-{v}-cra": (lambda v=v: _clipseg_case(v, "cra")) for v in VARIANTS[:-1]},
     **{f"clipseg-{p}-{p}": (lambda p=p: _clipseg_case(p, p))
        for p in ("sclip", "naclip", "clearclip")},
+    # scclip: a small class-token weight, else the random tiny model gives a constant map (its
+    # class token outweighs the patches; under SC-CLIP's VOC rules the area rule then leaves
+    # only background)
+    "clipseg-scclip-cra": lambda: _clipseg_case("scclip", "cra", res_cls=0.1),
+    "clipseg-scclip-scclip": lambda: _clipseg_case("scclip", "scclip", res_cls=0.0),
+    # NACLIP's main results protocol: PAMR on (10 steps, dilations 8 and 16)
+    "clipseg-naclip-naclip-pamr": lambda: _clipseg_case("naclip", "naclip", pamr_steps=10,
+                                                        pamr_dilations="8,16"),
+    "clipseg-cra-cra-pamr": lambda: _clipseg_case("cra", "cra", pamr_steps=5,
+                                                  pamr_dilations="1,2,4"),
     "clipseg-cra-custom": lambda: _clipseg_case("cra", "custom"),
     "pnp-tiny": lambda: _pnp_case("tiny"),
     "pnp-tiny-bridgetower": lambda: _pnp_case("tiny-bridgetower"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,3 +339,45 @@ def test_scclip_protocol_holds_the_official_values():
     assert (profile("scclip", "ade20k")["window"], profile("scclip", "ade20k")["stride"]) == (
         224, 112)
     assert math.isclose(profile("scclip", None)["logit_scale"], 40.0)
+
+
+# --- a search that samples scclip and PAMR, its export, and inference --------------------------
+@pytest.mark.slow
+def test_smoke_search_samples_scclip_and_pamr_exports_and_infers(ray_session, workdir):
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from methods.infer import main as infer_main
+    from search.export import main as export_main
+    from search.run import main as run_main
+
+    assert run_main(["--method", "clipseg", "--preset", "smoke", "--num-samples", "10",
+                     "--set", "space.attention.choices=[scclip, naclip]"]) == 0
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = [e for e in client.search_experiments() if e.name.startswith("clipseg/")][0]
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
+    assert len(trials) >= 10 and {t.info.status for t in trials} == {"FINISHED"}
+    sampled = [(t.data.params["attention"], int(t.data.params["pamr_steps"])) for t in trials]
+    assert ("scclip", 0) in sampled                         # trial 0: scclip, PAMR off
+    assert any(a == "scclip" and s > 0 for a, s in sampled), sampled
+    parent = [r for r in runs if r.data.tags.get("ovss_role") != "trial"][0]
+    assert parent.data.params["settings.variants"] == '["naclip", "scclip"]'
+    out = workdir / "tuned.yaml"
+    assert export_main(["--method", "clipseg", "--tracking-uri", uri, "--out", str(out)]) == 0
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg["settings"]["variants"] == ["naclip", "scclip"]
+    assert cfg["settings"]["scclip_layers"] == {"pre": [1, 2], "post": [0, 2], "start": [0, 1],
+                                                "end": [2, 3]}
+    image = sorted((workdir / ".ovss" / "smoke" / "voc21" / "JPEGImages").iterdir())[0]
+    forced = {**cfg["params"], "attention": "scclip", "pamr_steps": 5, "pamr_dilations": "4,8"}
+    for name, params_ in (("best", cfg["params"]), ("forced", forced)):
+        one = workdir / f"tuned-{name}.yaml"
+        one.write_text(yaml.safe_dump({**cfg, "params": params_}))
+        png = workdir / f"pred-{name}.png"
+        assert infer_main(["--config", str(one), "--image", str(image), "--classes",
+                           "cat,dog,person", "--out", str(png)]) == 0
+        pred = np.array(Image.open(png))
+        assert pred.shape == Image.open(image).size[::-1] and pred.max() <= 3
