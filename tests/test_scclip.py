@@ -341,6 +341,42 @@ def test_scclip_protocol_holds_the_official_values():
     assert math.isclose(profile("scclip", None)["logit_scale"], 40.0)
 
 
+def test_quantile_threshold_is_strict():
+    """At P = 41 the 95 % quantile is a score itself (0.95 x 40 = 38): the official ``>``
+    flags 2 tokens where ``>=`` would flag 3."""
+    x = torch.randn(2, 41, 8, generator=torch.Generator().manual_seed(9))
+    flags = anomalous_tokens(x, 30, 0.05)
+    for b in range(2):
+        idx, _ = lof_pytorch(x[b])
+        assert torch.equal(torch.where(flags[b])[0], idx) and len(idx) == 2
+
+
+def test_adjust_weights_and_attention_equal_the_official_helpers():
+    """Cases the model-level test cannot reach: a row whose kept weights sum to ~1e-6 (the
+    official + 1e-6), and similarities exactly at their mean (kept: the official masks < 0)."""
+    from methods.clipseg.scclip import FinalAttention, adjust_weights, self_calibrated_attention
+
+    m = torch.tensor([[[1e-6, 0.0, 0.0], [0.3, 1.0, 0.5], [0.0, 0.5, 1.0]]])
+    feats = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(0))   # T x B x D
+    want = adaptively_aggregate(feats, torch.where(m < -1.0, 0.0, m)).permute(1, 0, 2)
+    assert torch.allclose(adjust_weights(m, -1.0) @ feats.permute(1, 0, 2), want, atol=1e-7)
+    # 4 x 4, mean exactly 0.5: the four 0.5 entries sit at the mean
+    m = torch.tensor([[[1.0, 0.5, 1.0, 0.0], [0.5, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.5],
+                       [0.0, 0.0, 0.5, 1.0]]])
+    assert m.mean().item() == 0.5
+    layer = torch.nn.MultiheadAttention(8, 2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ln = torch.nn.LayerNorm(8)
+    x = torch.randn(4, 1, 8, generator=torch.Generator().manual_seed(3))           # T x B x D
+    want = custom_attn(layer, ln(x), m.clone(), 3.0)[:, 0]
+    w, b = layer.in_proj_weight, layer.in_proj_bias
+    block = FinalAttention(ln, w[8:16], b[8:16], w[16:], b[16:], layer.out_proj, 2)
+    got = self_calibrated_attention(x.permute(1, 0, 2), m, block, 3.0)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 # --- a search that samples scclip and PAMR, its export, and inference --------------------------
 @pytest.mark.slow
 def test_smoke_search_samples_scclip_and_pamr_exports_and_infers(ray_session, workdir):
