@@ -5,7 +5,9 @@
     python bench/clipseg.py --device cuda      # the model on the GPU (bench/device_check.sh)
 
 Trials sample every ``attention`` variant of the YAML (the CRA rows and the family's blocks);
-the output gives decode ms per variant.
+the output gives decode ms per variant. PAMR (``pamr_steps``) is off in every trial unless
+``--pamr space``: its cost is in bench/scclip_pamr.py, this bench's figures stay comparable with
+those before it existed.
 
 The model is open_clip 'ViT-B-16' (the real-size architecture, random weights: no download).
 Images are 375 x 500 (Pascal VOC's usual size), resized to short side 448: with the default
@@ -53,15 +55,18 @@ VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "c
        "train", "tvmonitor")
 
 
-def trials(n: int, seed: int, layers: int = 12) -> list[dict]:
+def trials(n: int, seed: int, layers: int = 12, pamr: str = "off") -> list[dict]:
     """Trial 0: the paper's defaults; then YAML samples (``layer`` kept below ``layers``: the
-    tiny ViT of ``--tiny`` has fewer blocks than ViT-B/16's 12)."""
+    tiny ViT of ``--tiny`` has fewer blocks than ViT-B/16's 12); PAMR off unless ``pamr`` is
+    ``space``."""
     resolved = resolve(load_method_spec("clipseg"), backbone="openai-vit-b16", dataset="voc21")
     rng = np.random.default_rng(seed)
     out = [dict(resolved.defaults)]
     while len(out) < n:
         out.append({**resolved.defaults,
                     **{k: sample_value(p, rng) for k, p in resolved.space.items()}})
+    if pamr == "off":
+        out = [{**p, "pamr_steps": 0} for p in out]
     return [{**p, "layer": min(int(p["layer"]), layers - 1)} for p in out[:n]]
 
 
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                          "evidence at short side 448; cra: 448 / 224)")
     ap.add_argument("--size", default="375x500", help="image HxW before resizing")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pamr", choices=("off", "space"), default="off",
+                    help="PAMR off in every trial, or as the space samples it")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both ways (1: as one Ray trial per CPU; 0: default)")
     add_device_args(ap)
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     t_text = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
     images = [smooth_image(rng, h, w) for _ in range(args.images)]
-    plan = trials(args.trials, args.seed, seg.num_layers)
+    plan = trials(args.trials, args.seed, seg.num_layers, args.pamr)
     print(f"clipseg bench: {model_name} (random weights) on {device}, {args.images} images "
           f"{h}x{w} -> short side {seg.settings['short_side']}, {args.trials} trials, "
           f"{torch.get_num_threads()} threads; text embeddings once ({t_text:.1f} s, not "

@@ -107,7 +107,7 @@ def refine(masks: torch.Tensor, affinity: torch.Tensor, dilations: Sequence[int]
     if affinity.shape != (8 * len(dilations), h, w):
         raise ValueError(f"affinity {tuple(affinity.shape)} does not fit {len(dilations)} "
                          f"dilations on {h} x {w}")
-    out = masks.float().clone()
+    out = masks.float().clone(memory_format=torch.contiguous_format)   # (a permuted view in)
     chunk = max(1, CHUNK_ELEMENTS // (h * w))
     for c0 in range(0, c, chunk):
         m = out[c0:c0 + chunk]
