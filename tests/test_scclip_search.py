@@ -124,3 +124,21 @@ def test_smoke_search_samples_scclip_and_pamr_exports_and_infers(ray_session, wo
                            "cat,dog,person", "--out", str(png)]) == 0
         pred = np.array(Image.open(png))
         assert pred.shape == Image.open(image).size[::-1] and pred.max() <= 3
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"variants": ["scclip", "nope"]}, "unknown variant"),
+    ({"variants": "scclip"}, "settings.variants"),
+    ({"lof_neighbors": 0}, "lof_neighbors"),
+    ({"lof_contamination": 1.5}, "lof_contamination"),
+    ({"scclip_layers": {"pre": [0, 9]}}, "scclip_layers must map"),
+    ({"scclip_layers": {"pre": [0, 5], "post": [0, 1], "start": [0, 1], "end": [2, 3]}},
+     "scclip_layers.pre"),
+])
+def test_bad_scclip_settings_name_the_setting(bad, match):
+    from methods.clipseg import SEGMENTER
+
+    tiny = {"name": "tiny", "tiny": {"width": 64, "layers": 4, "heads": 2, "patch_size": 8,
+                                     "image_size": 32}}
+    with pytest.raises(OvssError, match=match):
+        SEGMENTER.from_spec(tiny, {"variants": ["scclip"], **bad})

@@ -59,13 +59,20 @@ def _bounds(num_layers: int | None) -> dict[str, list[int]] | None:
     return None if num_layers is None else full_layers(num_layers)
 
 
-def check_scclip_layers(value: Any, variants: tuple[str, ...], num_layers: int
-                        ) -> dict[str, list[int]] | None:
-    """``settings.scclip_layers`` resolved for an L-block ViT: None when scclip is not among
-    ``variants``; every layer when null; else ``{pre, post, start, end}: [lo, hi]`` inside
-    the ViT's layers (OvssError naming the range otherwise)."""
+def check_scclip_settings(settings: Mapping[str, Any], variants: tuple[str, ...],
+                          num_layers: int) -> dict[str, list[int]] | None:
+    """SC-CLIP's extraction settings for an L-block ViT (OvssError naming the setting): the
+    LOF's ``lof_neighbors`` (>= 1) and ``lof_contamination`` (in (0, 1)), and
+    ``scclip_layers`` resolved: None when scclip is not among ``variants``; every layer when
+    null; else ``{pre, post, start, end}: [lo, hi]`` inside the ViT's layers."""
     if "scclip" not in variants:
         return None
+    k, c = settings.get("lof_neighbors"), settings.get("lof_contamination")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise OvssError(f"clipseg: settings.lof_neighbors must be an integer >= 1, got {k!r}")
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < 1:
+        raise OvssError(f"clipseg: settings.lof_contamination must be in (0, 1), got {c!r}")
+    value = settings.get("scclip_layers")
     bounds = full_layers(num_layers)
     if value is None:
         return bounds
@@ -143,7 +150,7 @@ def search_settings(backbone: Mapping[str, Any], settings: Mapping[str, Any],
         if given is None:
             out["scclip_layers"] = ranges
         elif num_layers is not None:
-            have = check_scclip_layers(given, held, num_layers) or {}
+            have = check_scclip_settings(out, held, num_layers) or {}
             for part, (lo, hi) in ranges.items():
                 if lo < have[part][0] or hi > have[part][1]:
                     raise OvssError(f"clipseg: settings.scclip_layers.{part} {have[part]} "

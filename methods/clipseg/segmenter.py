@@ -47,7 +47,7 @@ from methods.clipseg.head import (
 )
 from methods.clipseg.labels import labels_from_probs, names_to_classes, upsample
 from methods.clipseg.protocols import PROFILE_KEYS, apply_protocol, class_prompts
-from methods.clipseg.reach import check_scclip_layers, search_settings
+from methods.clipseg.reach import check_scclip_settings, search_settings
 from methods.clipseg.scclip import FinalAttention, fused_pieces, scclip_evidence
 from methods.clipseg.variants import (
     DSI_TERMS,
@@ -145,8 +145,8 @@ class ClipSegSegmenter(Segmenter):
         if self.num_layers < DSI_TERMS:
             raise OvssError(f"clipseg: the ViT needs at least {DSI_TERMS} blocks for DSI, "
                             f"{self.model_name} has {self.num_layers}")
-        self.scclip_layers = check_scclip_layers(self.settings["scclip_layers"], self.variants,
-                                                 self.num_layers)
+        self.scclip_layers = check_scclip_settings(self.settings, self.variants,
+                                                   self.num_layers)
         self._head = head
 
     @classmethod
