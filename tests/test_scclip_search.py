@@ -114,7 +114,13 @@ def test_smoke_search_samples_scclip_and_pamr_exports_and_infers(ray_session, wo
     assert cfg["settings"]["variants"] == ["naclip", "scclip"]
     assert cfg["settings"]["scclip_layers"] == {"pre": [1, 2], "post": [0, 2], "start": [0, 1],
                                                 "end": [2, 3]}
-    image = sorted((workdir / ".ovss" / "smoke" / "voc21" / "JPEGImages").iterdir())[0]
+    assert cfg["defaults"]["attention"] == "scclip"        # trial 0: the paper baseline
+    from search.evaluate import main as evaluate_main
+
+    root = workdir / ".ovss" / "smoke" / "voc21"
+    assert evaluate_main(["--config", str(out), "--dataset", "voc21", "--data-root", str(root),
+                          "--max-images", "2", "--baseline", "paper"]) == 0
+    image = sorted((root / "JPEGImages").iterdir())[0]
     forced = {**cfg["params"], "attention": "scclip", "pamr_steps": 5, "pamr_dilations": "4,8"}
     for name, params_ in (("best", cfg["params"]), ("forced", forced)):
         one = workdir / f"tuned-{name}.yaml"
@@ -124,6 +130,15 @@ def test_smoke_search_samples_scclip_and_pamr_exports_and_infers(ray_session, wo
                            "cat,dog,person", "--out", str(png)]) == 0
         pred = np.array(Image.open(png))
         assert pred.shape == Image.open(image).size[::-1] and pred.max() <= 3
+
+
+def test_paper_baseline_is_the_searchs_trial_0():
+    from search.engine.configs import paper_config
+
+    cfg = {"method": "clipseg", "backbone": {"name": "tiny"}, "backbone_name": "tiny",
+           "params": {"attention": "naclip", "pamr_steps": 5},
+           "defaults": {"attention": "scclip", "pamr_steps": 0}}
+    assert paper_config(cfg)["params"] == {"attention": "scclip", "pamr_steps": 0}
 
 
 @pytest.mark.parametrize("bad,match", [

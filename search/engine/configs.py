@@ -109,11 +109,15 @@ def check_classes(config: Mapping[str, Any], data: Any) -> None:
 
 
 def paper_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` with its knobs replaced by the method's paper defaults (the YAML ``defaults``
-    after the backbone's overrides, as :func:`search.core.config.resolve` gives them)."""
+    """``config`` with its knobs replaced by the method's paper defaults: its search's trial 0
+    (``defaults``, a preset's when the search ran one), else the YAML ``defaults`` after the
+    backbone's overrides, as :func:`search.core.config.resolve` gives them."""
     from methods.spec import load_method_spec
     from search.core.config import resolve
 
+    if isinstance(config.get("defaults"), Mapping) and set(config["defaults"]) == set(
+            config["params"]):
+        return {**config, "params": dict(config["defaults"])}
     spec = load_method_spec(config["method"])
     name = config.get("backbone_name") or config["backbone"].get("name")
     if name not in spec.backbones:

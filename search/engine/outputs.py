@@ -34,6 +34,7 @@ def best_config(plan, results, parent_id: str, callback, chosen: dict[str, Any] 
         "method": r.method, "backbone_name": r.backbone_name, "backbone": r.backbone,
         "dataset": plan.dataset_name, "classes": plan.classes.to_dict(),
         "settings": r.settings, "params": params, "searched": sorted(r.space),
+        "defaults": dict(r.defaults),     # trial 0 (a preset's), the paper baseline of evaluate
         "metric": {"name": plan.reward["name"], "value": best["score"],
                    "images": best["images"]},
         "provenance": {"parent_run_id": parent_id, "trial_run_id": best_run,
