@@ -120,7 +120,8 @@ def bench(preset: str, model: torch.nn.Module, images: list[np.ndarray], args) -
     ours = t_extract + t_decode
     on = sum(bool(int(p["pamr_steps"])) for p in trials)
     mean = {kind: float(np.mean(ts)) if ts else float("nan") for kind, ts in naive.items()}
-    naive_total = n_img * (on * mean[True] + (n_tr - on) * mean[False])
+    naive_total = n_img * ((on * mean[True] if on else 0.0)
+                           + ((n_tr - on) * mean[False] if on < n_tr else 0.0))
     per_naive = naive_total / (n_img * n_tr)
     per_decode = t_decode / (n_img * n_tr)
     print(f"ours:  extract {t_extract:.1f} s ({t_extract / n_img:.2f} s/image) + "
