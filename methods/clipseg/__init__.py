@@ -8,12 +8,15 @@ with Attn from the keys of a middle layer M plus relation attention (CRA, Eq. 3)
 of v_L and the values regenerated from the last blocks without self-attention (DSI, Eq. 4).
 
 The ``attention`` knob also selects the final blocks of the training-free CLIP family
-(``clearclip``, ``sclip``, ``naclip``, ``maskclip``; ``family``), each as its official code
-computes it, and ``settings.protocol`` their dense-inference protocols (``protocols``).
+(``clearclip``, ``sclip``, ``naclip``, ``maskclip``; ``family``) and SC-CLIP (``scclip``), each
+as its official code computes it, and ``settings.protocol`` their dense-inference protocols
+(``protocols``). ``pamr_steps`` > 0 refines any variant's cosines with PAMR (methods/pamr.py).
 
 Modules: ``backbone`` (open_clip loading, tiny configs, text embeddings), ``formulas`` (one
 function per equation), ``windows`` (sliding-window geometry), ``vit`` (the single ViT pass of
-extract), ``head`` (the few model tensors decode reads), ``segmenter`` (extract / decode),
+extract), ``head`` (the few model tensors decode reads), ``variants`` (the evidence each
+variant reads, its decode), ``scclip`` (SC-CLIP's steps), ``reach`` (what a search's space can
+reach, decided before Ray), ``segmenter`` (extract / decode),
 ``reference`` (the straight full forward used as ground truth and as the naive baseline).
 Choices where the paper is silent are listed in docs/clipseg.md and in the module docstrings:
 
@@ -27,7 +30,7 @@ Choices where the paper is silent are listed in docs/clipseg.md and in the modul
   V = mean of v_L and the v~_i of the blocks from ``dsi_start`` on (-1: v_L alone).
 - Classes: softmax over all names (synonyms included) of ``logit_scale * cos``, a class's
   probability is its best name's (the family's rule); background by our threshold rule
-  (``bg_threshold``) or by the protocol's background query; ``present`` is not used. No PAMR.
+  (``bg_threshold``) or by the protocol's background query; ``present`` is not used.
 """
 
 from methods.clipseg.segmenter import ClipSegSegmenter
