@@ -47,8 +47,9 @@ from bench.common import smooth_image
 from methods.base import ClassSet
 from methods.clipseg.reference import full_forward_labels
 from methods.clipseg.segmenter import ClipSegSegmenter
-from search.config import load_method_spec, resolve
-from search.space import sample_value
+from methods.spec import load_method_spec
+from search.core.config import resolve
+from search.core.space import sample_value
 
 
 def plan(preset: str, trials: int, seed: int, pamr: str):

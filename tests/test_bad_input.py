@@ -80,8 +80,9 @@ CASES.flags("set-backbone-name", "--set", "backbone.name=other", names=("backbon
 # --- clipseg knobs no trial could decode (methods/clipseg/reach.py, before Ray) -----------------
 def clipseg_flags(name: str, *extra: str, names: tuple[str, ...]):
     """A clipseg search (tiny ViT of 4 blocks: SC-CLIP's layers 0..2) plus ``extra`` flags."""
-    case(name)(lambda w: (["--method", "clipseg", "--backbone", "tiny", "--dataset", "voc21",
-                           "--data-root", str(w.voc_src), "--num-samples", "2", *extra], names))
+    CASES.case(name)(lambda w: (["--method", "clipseg", "--backbone", "tiny", "--dataset",
+                                 "voc21", "--data-root", str(w.voc_src), "--num-samples", "2",
+                                 *extra], names))
 
 
 clipseg_flags("clipseg-scclip-layer-index-out-of-range", "--preset", "scclip",

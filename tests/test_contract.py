@@ -155,7 +155,8 @@ def case(request) -> Case:
     return CASES[request.param]()
 
 
-def _image(size: tuple[int, int], seed: int = 11) -> np.ndarray:
+def structured_image(size: tuple[int, int], seed: int = 11) -> np.ndarray:
+    """HxWx3 uint8: a bilinear 5 x 7 colour field plus noise (regions the models can tell)."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (5, 7, 3)).astype(np.float32)
     img = torch.nn.functional.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None],
@@ -181,7 +182,7 @@ def _check_xfail(case: Case, check: str) -> None:
 def test_extract_and_decode_shapes_and_ranges(case):
     _check_xfail(case, "shapes")
     seg = case.make("float32")
-    image = _image(case.size)
+    image = structured_image(case.size)
     ev = _evidence(seg, case, image)
     assert ev.tensors and all(isinstance(t, torch.Tensor) for t in ev.tensors.values())
     assert all(t.device.type == "cpu" for t in ev.tensors.values())
@@ -195,7 +196,7 @@ def test_extract_and_decode_shapes_and_ranges(case):
 def test_deterministic(case):
     _check_xfail(case, "deterministic")
     seg = case.make("float32")
-    image = _image(case.size)
+    image = structured_image(case.size)
     a, b = _evidence(seg, case, image), _evidence(seg, case, image)
     assert a.tensors.keys() == b.tensors.keys() and a.meta == b.meta
     for k in a.tensors:
@@ -206,7 +207,7 @@ def test_deterministic(case):
 def test_cache_round_trip(case, tmp_path):
     _check_xfail(case, "cache")
     seg = case.make("float16")
-    image = _image(case.size)
+    image = structured_image(case.size)
     ev = _evidence(seg, case, image)
     EvidenceCache(tmp_path).put(seg.method, "k" * 40, ev)
     back = EvidenceCache(tmp_path).get(seg.method, "k" * 40)      # a fresh cache: from disk
@@ -219,7 +220,7 @@ def test_cache_round_trip(case, tmp_path):
 def test_decode_of_extract_equals_straight_pipeline(case):
     _check_xfail(case, "straight")
     seg = case.make("float32")
-    image = _image(case.size)
+    image = structured_image(case.size)
     got = seg.decode(_evidence(seg, case, image), case.params)
     want = case.straight(seg, image, case.classes, case.params, case.present)
     assert np.array_equal(got, want)
@@ -228,7 +229,7 @@ def test_decode_of_extract_equals_straight_pipeline(case):
 
 def test_float16_evidence_agrees_with_float32(case):
     _check_xfail(case, "float16")
-    image = _image(case.size, seed=12)
+    image = structured_image(case.size, seed=12)
     s16, s32 = case.make("float16"), case.make("float32")
     e16, e32 = _evidence(s16, case, image), _evidence(s32, case, image)
     assert e16.nbytes() < e32.nbytes()

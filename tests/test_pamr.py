@@ -129,10 +129,10 @@ def naclip_seg():
 def test_decode_applies_pamr_where_naclip_does(naclip_seg):
     from methods.clipseg.reference import full_forward_labels, full_forward_probs
     from tests.test_clipseg_family import params
-    from tests.test_contract import _image
+    from tests.test_contract import structured_image
 
     s = naclip_seg
-    img = _image((41, 58), seed=4)
+    img = structured_image((41, 58), seed=4)
     classes = ClassSet.from_names(["cat", "dog", "tree", "sky"], background=True)
     ev = s.extract(img, classes)
     scale = float(s.settings["logit_scale"])

@@ -51,9 +51,9 @@ def seg():
 
 @pytest.fixture(scope="module")
 def image():
-    from tests.test_contract import _image
+    from tests.test_contract import structured_image
 
-    return _image((32, 48), seed=3)                        # 2 windows of 32 px, stride 16
+    return structured_image((32, 48), seed=3)             # 2 windows of 32 px, stride 16
 
 
 # --- the official code, transcribed (sequence-first x: T x B x D, B = 1) -----------------------

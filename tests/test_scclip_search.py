@@ -21,7 +21,8 @@ def _space(**kw):
 
 
 def test_search_settings_fill_variants_and_layers():
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
 
     spec = load_method_spec("clipseg")
     r = resolve(spec, backbone="openai-vit-b16", dataset="voc21", preset=spec.presets["scclip"])
@@ -45,7 +46,8 @@ def test_search_settings_fill_variants_and_layers():
     ({"pamr_dilations": {"type": "categorical", "choices": ["8,16", ""]}}, "pamr_dilations"),
 ])
 def test_search_settings_refuse_what_no_trial_could_decode(space, match):
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
 
     r = resolve(load_method_spec("clipseg"), backbone="openai-vit-b16", dataset="voc21")
     defaults = {**r.defaults, "pamr_steps": 10}
@@ -54,7 +56,8 @@ def test_search_settings_refuse_what_no_trial_could_decode(space, match):
 
 
 def test_given_settings_must_hold_the_space():
-    from search.config import load_method_spec, resolve
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
 
     r = resolve(load_method_spec("clipseg"), backbone="openai-vit-b16", dataset="voc21")
     space = _space(attention=["scclip", "cra"])
