@@ -97,8 +97,6 @@ def plan_search(args: argparse.Namespace) -> Plan:
         data_kwargs["image_labels_file"] = str(Path(args.image_labels).resolve())
     _presence_source(resolved.settings, args, root, labels_mode, data_kwargs)
     data = open_dataset(**data_kwargs)
-    from methods import get_segmenter_class
-
     get_segmenter_class(args.method).check_classes(resolved.settings, data.classes)
     max_images = args.max_images or (preset.max_images if preset else None)
     n = len(data) if not max_images else min(max_images, len(data))
