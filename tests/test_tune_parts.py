@@ -177,6 +177,7 @@ def test_the_pending_trial_limit_is_set_for_each_search_alone(tmp_path, monkeypa
         plan = SimpleNamespace(
             resolved=SimpleNamespace(space={"temp": SimpleNamespace()}, defaults={"temp": 0.1}),
             storage=tmp_path / "ray_results", name="s", num_samples=4, rungs=[1],
+            reward={"name": "miou"},     # the progress line names the score (#19)
             args=SimpleNamespace(cpus_per_trial=1.0, gpus_per_trial=0.0, resume=False, seed=0,
                                  max_concurrent=max_concurrent, sampler="tpe"))
         with pytest.raises(_Fit):
