@@ -233,7 +233,7 @@ def test_tune_search_makes_storage_private_before_tune_reads_it(tmp_path, monkey
     space = {"temp": SimpleNamespace()}
     plan = SimpleNamespace(
         resolved=SimpleNamespace(space=space, defaults={"temp": 0.1}), storage=storage,
-        name="s", num_samples=4, rungs=[1],
+        name="s", num_samples=4, rungs=[1], reward={"name": "miou"},
         args=SimpleNamespace(cpus_per_trial=1.0, gpus_per_trial=0.0, max_concurrent=None,
                              resume=resume, seed=0))
     monkeypatch.setattr("search.core.space.optuna_space", lambda s: {})
