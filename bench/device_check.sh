@@ -6,8 +6,9 @@
 # ratio and the peak GPU memory.
 #
 #   bash bench/device_check.sh          # on the GPU machine (python3 there holds torch)
-#   bash bench/device_check.sh --cpu    # dry run here: CPU, tiny models, the same steps (CI:
-#                                       # tests/test_device_check.py)
+#   bash bench/device_check.sh --cpu    # dry run here: CPU, tiny models, the same steps, one
+#                                       # profile per method (CI: tests/test_device_check.py)
+#   bash bench/device_check.sh --cpu --all   # the same with every profile of tests/test_gpu.py
 #
 # Every step runs under its own time limit and the script goes on after a failed step; the
 # output ends with one `summary:` line per bench and `device check: ...`. With $OUT set (the
@@ -16,6 +17,9 @@ set -u -o pipefail
 
 MODE=cuda
 [ "${1:-}" = "--cpu" ] && MODE=cpu
+# --cpu --all: every profile of tests/test_gpu.py; --cpu alone: one per method (OVSS_GPU_TESTS_QUICK)
+ALL=0
+[ "${2:-}" = "--all" ] && ALL=1
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 START=$(date +%s)
@@ -42,6 +46,7 @@ if [ "$MODE" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
 else
     export OVSS_GPU_TESTS_DEVICE=cpu
+    [ "$ALL" = 1 ] || export OVSS_GPU_TESTS_QUICK=1
     # as on the GPU machine: no Ray, Optuna or MLflow to import
     export PYTHONPATH=$PWD/tests/device_env${PYTHONPATH:+:$PYTHONPATH}
 fi

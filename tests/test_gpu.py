@@ -66,7 +66,15 @@ pytestmark = [
                        f"False); {DEVICE_ENV}=cpu runs these comparisons CPU against CPU"),
 ]
 
+#: Set (bench/device_check.sh --cpu does, unless given --all): one profile per method (the first,
+#: both precisions), enough to keep the device code and these tests from rotting between GPU runs.
+QUICK_ENV = "OVSS_GPU_TESTS_QUICK"
 PROFILES = {p.name: p for p in profiles()}
+if os.environ.get(QUICK_ENV, "").strip() not in ("", "0"):
+    FIRST = {}
+    for p in PROFILES.values():
+        FIRST.setdefault(p.method, p)
+    PROFILES = {p.name: p for p in FIRST.values()}
 CASES = [f"{name}-{prec}" for name, p in PROFILES.items()
          for prec in ("float32", "float16") if prec == "float32" or p.has_float16()]
 
