@@ -194,6 +194,20 @@ class Segmenter:
         raise NotImplementedError(f"{cls.__name__}.from_spec")
 
     @classmethod
+    def knob_defaults(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Trial-0 values of knobs that depend on the settings (e.g. a protocol's per-data-set
+        values); they replace the YAML defaults, an explicit ``--set knob=v`` wins. No weights
+        are read."""
+        return {}
+
+    @classmethod
+    def check_plan(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
+                   defaults: Mapping[str, Any], space: Mapping[str, dict[str, Any]]) -> None:
+        """Checks of a resolved search before anything starts (no weights read): OvssError
+        naming what the settings, knobs and search space cannot do together. ``space``: knob ->
+        its YAML fields (``type``, ``low``, ``high``, ``choices``, ...)."""
+
+    @classmethod
     def check_classes(cls, settings: Mapping[str, Any], classes: ClassSet) -> None:
         """Before any model loads (a search calls it before Ray starts): OvssError when the
         method could not tell two of ``classes`` apart under these settings beyond what

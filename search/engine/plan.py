@@ -82,7 +82,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
         proxy = cfg.resolve_proxy(spec, resolved, preset)
 
     root = args.data_root
-    if root is None and args.preset == "smoke":   # only smoke brings its own data
+    if root is None and (args.preset or "").startswith("smoke"):   # smoke* bring their data
         from search.data import dataset_layout
         from search.data.synthetic import make_dataset
 
@@ -97,7 +97,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
         data_kwargs["image_labels_file"] = str(Path(args.image_labels).resolve())
     _presence_source(resolved.settings, args, root, labels_mode, data_kwargs)
     data = open_dataset(**data_kwargs)
-    get_segmenter_class(args.method).check_classes(resolved.settings, data.classes)
+    seg_class = get_segmenter_class(args.method)
+    seg_class.check_classes(resolved.settings, data.classes)
+    seg_class.check_plan(resolved.backbone, resolved.settings, resolved.defaults,
+                         {k: p.model_dump(exclude_none=True) for k, p in resolved.space.items()})
     max_images = args.max_images or (preset.max_images if preset else None)
     n = len(data) if not max_images else min(max_images, len(data))
     if n == 0:
