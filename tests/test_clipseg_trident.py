@@ -577,3 +577,11 @@ def test_trident_needs_sam_and_the_patch_grid():
         check_plan(TINY_CLIP, {**st, "window": 60, "vision": ["d8"]}, {}, space)
     with pytest.raises(OvssError, match="align"):
         check_plan(TINY_CLIP, {**st, "align": None}, {}, space)
+
+
+@pytest.mark.parametrize("size", [(56, 87), (40, 61), (64, 64), (33, 100), (57, 57)])
+def test_aligned_size_is_preprocess_image(size):
+    from methods.clipseg.trident import aligned_size
+
+    x = torch.zeros(1, 3, *size)
+    assert aligned_size(*size, 8, 56) == tuple(preprocess_image(x, 8, 56).shape[-2:])
