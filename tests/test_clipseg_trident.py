@@ -585,3 +585,44 @@ def test_aligned_size_is_preprocess_image(size):
 
     x = torch.zeros(1, 3, *size)
     assert aligned_size(*size, 8, 56) == tuple(preprocess_image(x, 8, 56).shape[-2:])
+
+
+# --- a search over cra, proxyclip and trident, its export, inference of each exported variant
+@pytest.mark.slow
+def test_smoke_second_search_samples_the_new_variants_exports_and_infers(ray_session, workdir):
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from methods.infer import main as infer_main
+    from search.export import main as export_main
+    from search.run import main as run_main
+
+    assert run_main(["--method", "clipseg", "--preset", "smoke_second",
+                     "--num-samples", "16"]) == 0
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = [e for e in client.search_experiments() if e.name.startswith("clipseg/")][0]
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("ovss_role") == "trial"]
+    assert len(trials) >= 16 and {t.info.status for t in trials} == {"FINISHED"}
+    sampled = {t.data.params.get("attention") for t in trials}
+    visions = {t.data.params.get("vision") for t in trials
+               if t.data.params.get("attention") != "cra"}
+    assert {"proxyclip", "trident"} <= sampled, sampled
+    assert visions == {"tiny-dino", "tiny-dinov2-reg"}, visions
+    out = workdir / "tuned.yaml"
+    assert export_main(["--method", "clipseg", "--tracking-uri", uri, "--out", str(out)]) == 0
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg["settings"]["vision"] == ["tiny-dino", "tiny-dinov2-reg"]
+    image = sorted((workdir / ".ovss" / "smoke" / "voc21" / "JPEGImages").iterdir())[0]
+    for variant, refine in (("proxyclip", False), ("trident", False), ("trident", True)):
+        one = workdir / f"tuned-{variant}-{refine}.yaml"
+        one.write_text(yaml.safe_dump({**cfg, "params": {
+            **cfg["params"], "attention": variant, "sam_refine": refine,
+            "sam_iou_thresh": 0.0}}))
+        png = workdir / f"pred-{variant}-{refine}.png"
+        assert infer_main(["--config", str(one), "--image", str(image), "--classes",
+                           "cat,dog,person", "--out", str(png)]) == 0
+        pred = np.array(Image.open(png))
+        assert pred.shape == Image.open(image).size[::-1] and pred.max() <= 3
