@@ -344,10 +344,10 @@ def test_all_masked_rows_keep_their_maximum_instead_of_nan(seg, voc):
     assert torch.isnan(official).all()
     got = seg.decode_probs(ev, p)
     assert torch.isfinite(got).all()
+    from methods.clipseg.packing import unpack_symmetric
     from methods.clipseg.proxy import proxy_attention
 
-    feats = F.normalize(ev.tensors["proxy.feat.dino"].float(), dim=-1)
-    sim = feats @ feats.transpose(1, 2)
+    sim = unpack_symmetric(ev.tensors["proxy.sim.dino"], 49)
     eye = torch.eye(sim.shape[-1]).expand_as(sim)
     assert torch.allclose(proxy_attention(sim, 50.0, 3.0), eye)
     # the limit: identity attention is out_proj(up(V)) = up(U) token by token

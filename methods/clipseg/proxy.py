@@ -11,9 +11,11 @@ vision model's grid; the windows are averaged as the family does.
 
 Extract once: A is row-stochastic and shared by the heads, and bilinear resizing is linear with
 rows summing to 1, so out_proj(A up(V)) = A up(U) with U = out_proj(V) (bias included). The
-evidence holds U (``proxy.values``, W x P_clip x D) and each vision model's unit features F
-(``proxy.feat.<name>``, W x P_vfm x C), plus the window upsampling for each vision model's grid.
-beta, gamma, the logit scale, the background threshold and the vision model are decode knobs.
+evidence holds U (``proxy.values``, W x P_clip x D) and each vision model's S, the cosines of its
+features, as a packed upper triangle (``proxy.sim.<name>``, W x P_v (P_v + 1) / 2: no knob
+touches S, and F F^T would cost decode P_v^2 C per window), plus the window upsampling for each
+vision model's grid. beta, gamma, the logit scale, the background threshold and the vision model
+are decode knobs.
 
 The all-masked row. When beta mean S >= 1 every entry of a row is below zero (the diagonal is
 1 at most), the official softmax over a row of -inf returns NaN, and so does every logit after
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 from methods.base import OvssError
 from methods.clipseg.labels import upsample
+from methods.clipseg.packing import unpack_symmetric
 from methods.clipseg.vfm import VisionModel, imagenet_pixels
 from methods.clipseg.vit import embed_windows, finish_block, split_qkv
 from methods.clipseg.windows import WindowGrid, linear_resize_matrix, mosaic, separable_upsampling
@@ -82,9 +85,19 @@ def proxy_output(sim: torch.Tensor, values: torch.Tensor, grid: tuple[int, int],
                  cells: tuple[int, int], beta: float, gamma: float,
                  pooled: bool = False) -> torch.Tensor:
     """The reduced block's output out_proj(A up(V)) = A up(U): sim B x P_v x P_v, values U
-    B x P_clip x D (already through out_proj) -> B x P_v x D float32."""
+    B x P_clip x D (already through out_proj) -> B x P_v x D float32. Computed as (A R) U with
+    R = Rh (x) Rw the bilinear resize (separable: A R costs P_v^2 (v + g) instead of A up(U)'s
+    P_v^2 D; the tests check it against the resize then the product)."""
     attn = proxy_attention(sim, beta, gamma, pooled)
-    return attn @ resize_to_cells(values, grid, cells)
+    if tuple(grid) == tuple(cells):
+        return attn @ values.float()
+    b, p, _ = attn.shape
+    rh = linear_resize_matrix(grid[0], cells[0])                     # vh x gh
+    rw = linear_resize_matrix(grid[1], cells[1])                     # vw x gw
+    a = attn.view(b * p, cells[0], cells[1])
+    a = torch.matmul(rh.T, a)                                        # (B P) x gh x vw
+    a = torch.matmul(a, rw)                                          # (B P) x gh x gw
+    return a.view(b, p, -1) @ values.float()
 
 
 # --- extract ---------------------------------------------------------------------------------
@@ -140,9 +153,8 @@ def proxy_window_outputs(ev_tensors: Mapping[str, torch.Tensor], meta: Mapping[s
                          ) -> tuple[torch.Tensor, str]:
     """Z = A up(U) of every window on the chosen vision model's grid: W x P_v x D float32."""
     name = chosen_vision(params, meta)
-    feats = ev_tensors[f"proxy.feat.{name}"].float()
-    sim = feats @ feats.transpose(-1, -2)
     cells = tuple(meta["proxy_cells"][name])
+    sim = unpack_symmetric(ev_tensors[f"proxy.sim.{name}"], cells[0] * cells[1])
     z = proxy_output(sim, ev_tensors["proxy.values"], tuple(meta["grid"][2:]), cells,
                      float(params["beta"]), float(params["gamma"]), pooled)
     return z, name

@@ -10,7 +10,8 @@ Evidence added (W windows, P_c CLIP patches, P_v vision tokens, D width, N_p SAM
 
 =========================  ===================  =============================================
 ``proxy.values``           W x P_c x D, dtype   U = out_proj(v_L) of the patches
-``proxy.feat.<name>``      W x P_v x C, dtype   unit-norm features of each vision model
+``proxy.sim.<name>``       W x P_v(P_v+1)/2     S = F F^T of each vision model's unit features
+                           dtype                (packed upper triangle)
 ``proxy.rows/cols.<name>`` float32              window upsampling on that model's grid
 ``trident.rows.<name>``,   float32              canvas paste + average + resize to SAM's grid
 ``trident.cols.<name>.p``
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from methods.base import Evidence, OvssError
+from methods.clipseg.packing import pack_symmetric
 from methods.clipseg.proxy import (
     last_values,
     proxy_cells,
@@ -120,9 +122,10 @@ def second_evidence(seg: Any, models: Mapping[str, VisionModel], image: np.ndarr
              else last_values(seg.visual, part.to(seg.device)))
         values.append(final(v[:, 1:].float()).cpu().to(dtype))
         for n, m in vision.items():
-            feats[n].append(vision_features(m, part, seg.mean, seg.std).to(dtype))
+            f = vision_features(m, part, seg.mean, seg.std)
+            feats[n].append(pack_symmetric(f @ f.transpose(1, 2)).to(dtype))
     t = {"proxy.values": torch.cat(values)}
-    t.update({f"proxy.feat.{n}": torch.cat(f) for n, f in feats.items()})
+    t.update({f"proxy.sim.{n}": torch.cat(f) for n, f in feats.items()})
     t.update(proxy_geometry(vision, grid, image.shape[:2]))
     cells = proxy_cells(vision, grid)
     meta: dict[str, Any] = {"proxy_cells": cells}

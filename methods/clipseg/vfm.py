@@ -9,7 +9,8 @@ named by ``settings.vision`` (the models extract runs) or ``settings.sam`` (Trid
 - ``{arch: sam, size: vit_b, path: sam_vit_b_01ec64.pth}``: segment-anything's ``Sam`` from
   a checkpoint file (read with ``weights_only=True``); ``random: true`` builds random weights;
 - ``tiny: {...}`` (any arch): the same class from a tiny config with random weights seeded by
-  ``settings.seed``, for tests and ``--preset smoke``.
+  ``settings.seed``, for tests and ``--preset smoke_second``; ``random: true``: the real ViT-B
+  architecture with random weights (benchmarks, ``bench/frontier.py``).
 
 Preprocessing as the official code (ProxyCLIP ``proxyclip_segmentor.py`` 79-80, 113): the
 CLIP-normalised (and padded) window is mapped back to pixels with CLIP's mean / std and
@@ -157,6 +158,8 @@ def vision_entry(settings: Mapping[str, Any], name: str) -> dict[str, Any]:
                             f"{spec.get('path')!r} not found (download sam_vit_b_01ec64.pth "
                             f"and give its path)")
         return spec
+    if spec.get("random"):
+        return spec
     if spec.get("path"):
         if not Path(str(spec["path"])).expanduser().exists():
             raise OvssError(f"clipseg: vision model {name!r}: path {spec['path']} not found")
@@ -188,6 +191,22 @@ def _tiny_module(arch: str, tiny: Mapping[str, Any]) -> tuple[nn.Module, int, in
 
     return (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **common)),
             c["patch"], None)
+
+
+def _random_module(spec: Mapping[str, Any]) -> tuple[nn.Module, int, int | None]:
+    """The ViT-B architecture of ``arch`` with random weights (benchmarks): DINO at 224 px with
+    the entry's patch (8 or 16), DINOv2 ViT-B/14 at 518 px."""
+    arch, patch = spec["arch"], int(spec.get("patch") or 16)
+    if arch == "dino":
+        from transformers import ViTConfig, ViTModel
+
+        cfg = ViTConfig(patch_size=patch, qkv_bias=True, layer_norm_eps=1e-6)
+        return ViTModel(cfg, add_pooling_layer=False), patch, None
+    import transformers
+
+    cls = "Dinov2Model" if arch == "dinov2" else "Dinov2WithRegistersModel"
+    cfg = getattr(transformers, cls.replace("Model", "Config"))(patch_size=14, image_size=518)
+    return getattr(transformers, cls)(cfg), 14, None
 
 
 def _hub_module(name: str, spec: Mapping[str, Any]) -> tuple[nn.Module, int, int | None]:
@@ -224,13 +243,15 @@ def _hub_module(name: str, spec: Mapping[str, Any]) -> tuple[nn.Module, int, int
 def load_vision(settings: Mapping[str, Any], name: str, device: str = "cpu") -> VisionModel:
     """The vision model ``name`` of ``settings.vision_models``, in eval mode on ``device``."""
     spec = vision_entry(settings, name)
-    if spec.get("tiny") is not None or (spec["arch"] == "sam" and spec.get("random")):
+    if spec.get("tiny") is not None or spec.get("random"):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(settings.get("seed", 0)))
             if spec.get("tiny") is not None:
                 module, patch, size = _tiny_module(spec["arch"], dict(spec["tiny"] or {}))
-            else:
+            elif spec["arch"] == "sam":
                 module, patch, size = _hub_module(name, spec)
+            else:
+                module, patch, size = _random_module(spec)
     else:
         module, patch, size = _hub_module(name, spec)
     if spec.get("patch") and int(spec["patch"]) != patch:
