@@ -50,20 +50,24 @@ def proxy_similarity(feats: torch.Tensor) -> torch.Tensor:
 
 
 def proxy_attention(sim: torch.Tensor, beta: float, gamma: float,
-                    pooled: bool = False) -> torch.Tensor:
+                    pooled: bool = False, inplace: bool = False) -> torch.Tensor:
     """A = softmax(gamma (S - beta mean S)), entries below zero masked (ProxyCLIP
     ``transformer.py`` 573-578). sim: B x P x P. The mean is over each window's S, or over all
     windows with ``pooled`` (Trident batches its windows, ``torch.mean`` pools them). A row with
-    every entry masked keeps its largest entries (see the module docstring). Returns B x P x P
-    float32, rows summing to 1."""
+    every entry masked keeps its largest entries (see the module docstring). ``inplace``: sim
+    (float32) may be overwritten. Returns B x P x P float32, rows summing to 1."""
     sim = sim.float()
     mean = sim.mean() if pooled else sim.mean(dim=(-1, -2), keepdim=True)
-    logits = (sim - mean * float(beta)) * float(gamma)
-    keep = logits >= 0
-    empty = ~keep.any(-1, keepdim=True)
-    if bool(empty.any()):
-        keep = keep | (empty & (sim == sim.amax(-1, keepdim=True)))
-    return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    thr = mean * float(beta)
+    # a row is all masked only if its diagonal (its largest entry: 1 for unit features) is
+    empty_rows = bool((sim.diagonal(dim1=-2, dim2=-1) < thr.reshape(-1, 1)).any())
+    top = sim.amax(-1, keepdim=True) if empty_rows else None
+    logits = (sim.sub_(thr) if inplace else sim - thr).mul_(float(gamma))
+    masked = logits < 0
+    if empty_rows:
+        empty = masked.all(-1, keepdim=True)
+        masked &= ~(empty & (logits == (top - thr) * float(gamma)))
+    return torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
 
 
 def resize_to_cells(values: torch.Tensor, grid: tuple[int, int],
@@ -83,12 +87,12 @@ def resize_to_cells(values: torch.Tensor, grid: tuple[int, int],
 
 def proxy_output(sim: torch.Tensor, values: torch.Tensor, grid: tuple[int, int],
                  cells: tuple[int, int], beta: float, gamma: float,
-                 pooled: bool = False) -> torch.Tensor:
+                 pooled: bool = False, inplace: bool = False) -> torch.Tensor:
     """The reduced block's output out_proj(A up(V)) = A up(U): sim B x P_v x P_v, values U
     B x P_clip x D (already through out_proj) -> B x P_v x D float32. Computed as (A R) U with
     R = Rh (x) Rw the bilinear resize (separable: A R costs P_v^2 (v + g) instead of A up(U)'s
     P_v^2 D; the tests check it against the resize then the product)."""
-    attn = proxy_attention(sim, beta, gamma, pooled)
+    attn = proxy_attention(sim, beta, gamma, pooled, inplace)
     if tuple(grid) == tuple(cells):
         return attn @ values.float()
     b, p, _ = attn.shape
@@ -156,7 +160,7 @@ def proxy_window_outputs(ev_tensors: Mapping[str, torch.Tensor], meta: Mapping[s
     cells = tuple(meta["proxy_cells"][name])
     sim = unpack_symmetric(ev_tensors[f"proxy.sim.{name}"], cells[0] * cells[1])
     z = proxy_output(sim, ev_tensors["proxy.values"], tuple(meta["grid"][2:]), cells,
-                     float(params["beta"]), float(params["gamma"]), pooled)
+                     float(params["beta"]), float(params["gamma"]), pooled, inplace=True)
     return z, name
 
 
