@@ -49,25 +49,36 @@ def proxy_similarity(feats: torch.Tensor) -> torch.Tensor:
     return f @ f.transpose(-1, -2)
 
 
-def proxy_attention(sim: torch.Tensor, beta: float, gamma: float,
-                    pooled: bool = False, inplace: bool = False) -> torch.Tensor:
-    """A = softmax(gamma (S - beta mean S)), entries below zero masked (ProxyCLIP
-    ``transformer.py`` 573-578). sim: B x P x P. The mean is over each window's S, or over all
-    windows with ``pooled`` (Trident batches its windows, ``torch.mean`` pools them). A row with
-    every entry masked keeps its largest entries (see the module docstring). ``inplace``: sim
-    (float32) may be overwritten. Returns B x P x P float32, rows summing to 1."""
+def proxy_weights(sim: torch.Tensor, beta: float, gamma: float, pooled: bool = False,
+                  inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The proxy attention before its row normalisation: exp(gamma (S - 1)) on the kept
+    entries (S >= beta mean S; an all-masked row keeps its largest entries), 0 elsewhere, and
+    its row sums. A = weights / sums (:func:`proxy_attention`); the constant exp(-gamma) and
+    exp(gamma beta mean S) cancel in the normalisation, and S <= 1 keeps exp from overflowing.
+    sim: B x P x P (``inplace``: float32 that may be overwritten). Returns B x P x P and
+    B x P x 1 float32."""
     sim = sim.float()
     mean = sim.mean() if pooled else sim.mean(dim=(-1, -2), keepdim=True)
     thr = mean * float(beta)
+    masked = sim < thr
     # a row is all masked only if its diagonal (its largest entry: 1 for unit features) is
-    empty_rows = bool((sim.diagonal(dim1=-2, dim2=-1) < thr.reshape(-1, 1)).any())
-    top = sim.amax(-1, keepdim=True) if empty_rows else None
-    logits = (sim.sub_(thr) if inplace else sim - thr).mul_(float(gamma))
-    masked = logits < 0
-    if empty_rows:
+    if bool((sim.diagonal(dim1=-2, dim2=-1) < thr.reshape(-1, 1)).any()):
         empty = masked.all(-1, keepdim=True)
-        masked &= ~(empty & (logits == (top - thr) * float(gamma)))
-    return torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
+        masked &= ~(empty & (sim == sim.amax(-1, keepdim=True)))
+    w = (sim if inplace else sim.clone()).sub_(1.0).mul_(float(gamma)).exp_()
+    w.masked_fill_(masked, 0.0)
+    return w, w.sum(-1, keepdim=True)
+
+
+def proxy_attention(sim: torch.Tensor, beta: float, gamma: float,
+                    pooled: bool = False) -> torch.Tensor:
+    """A = softmax(gamma (S - beta mean S)), entries below zero masked (ProxyCLIP
+    ``transformer.py`` 573-578). sim: B x P x P. The mean is over each window's S, or over all
+    windows with ``pooled`` (Trident batches its windows, ``torch.mean`` pools them). A row with
+    every entry masked keeps its largest entries (see the module docstring). Returns B x P x P
+    float32, rows summing to 1."""
+    w, total = proxy_weights(sim, beta, gamma, pooled)
+    return w / total
 
 
 def resize_to_cells(values: torch.Tensor, grid: tuple[int, int],
@@ -92,16 +103,16 @@ def proxy_output(sim: torch.Tensor, values: torch.Tensor, grid: tuple[int, int],
     B x P_clip x D (already through out_proj) -> B x P_v x D float32. Computed as (A R) U with
     R = Rh (x) Rw the bilinear resize (separable: A R costs P_v^2 (v + g) instead of A up(U)'s
     P_v^2 D; the tests check it against the resize then the product)."""
-    attn = proxy_attention(sim, beta, gamma, pooled, inplace)
+    w, total = proxy_weights(sim, beta, gamma, pooled, inplace)     # A = w / total
     if tuple(grid) == tuple(cells):
-        return attn @ values.float()
-    b, p, _ = attn.shape
+        return (w @ values.float()) / total
+    b, p, _ = w.shape
     rh = linear_resize_matrix(grid[0], cells[0])                     # vh x gh
     rw = linear_resize_matrix(grid[1], cells[1])                     # vw x gw
-    a = attn.view(b * p, cells[0], cells[1])
+    a = w.view(b * p, cells[0], cells[1])
     a = torch.matmul(rh.T, a)                                        # (B P) x gh x vw
     a = torch.matmul(a, rw)                                          # (B P) x gh x gw
-    return a.view(b, p, -1) @ values.float()
+    return (a.view(b, p, -1) @ values.float()) / total
 
 
 # --- extract ---------------------------------------------------------------------------------
