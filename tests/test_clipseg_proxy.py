@@ -401,3 +401,20 @@ def test_a_vision_model_that_does_not_exist_is_one_line():
     with pytest.raises(OvssError, match="arch must be one of"):
         SEGMENTER.from_spec(TINY_CLIP, {**SETTINGS, "vision": ["x"],
                                         "vision_models": {"x": {"arch": "mae", "tiny": {}}}})
+
+
+def test_features_instead_of_similarities_decode_alike(seg, voc, monkeypatch):
+    """A vision model whose S would be much larger than its features keeps F (SAM ViT-B: 4096
+    tokens, 256 channels); both decode to the same probabilities."""
+    import methods.clipseg.second as second
+
+    assert second.stores_similarity(1764, 768) and not second.stores_similarity(4096, 256)
+    img = image(56, 97)
+    ev = seg.extract(img, voc)
+    monkeypatch.setattr(second, "stores_similarity", lambda tokens, channels: False)
+    ev_f = seg.extract(img, voc)
+    assert "proxy.feat.sam" in ev_f.tensors and "proxy.sim.sam" not in ev_f.tensors
+    assert "proxy.sim.sam" in ev.tensors
+    for vision in ("dino", "sam"):
+        p = params(vision=vision)
+        assert (seg.decode_probs(ev_f, p) - seg.decode_probs(ev, p)).abs().max() < 1e-5

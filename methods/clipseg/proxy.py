@@ -13,9 +13,10 @@ Extract once: A is row-stochastic and shared by the heads, and bilinear resizing
 rows summing to 1, so out_proj(A up(V)) = A up(U) with U = out_proj(V) (bias included). The
 evidence holds U (``proxy.values``, W x P_clip x D) and each vision model's S, the cosines of its
 features, as a packed upper triangle (``proxy.sim.<name>``, W x P_v (P_v + 1) / 2: no knob
-touches S, and F F^T would cost decode P_v^2 C per window), plus the window upsampling for each
-vision model's grid. beta, gamma, the logit scale, the background threshold and the vision model
-are decode knobs.
+touches S, and F F^T would cost decode P_v^2 C per window), or F itself when that is much
+smaller (``proxy.feat.<name>``: SAM's 4096 tokens of 256 channels), plus the window upsampling
+for each vision model's grid. beta, gamma, the logit scale, the background threshold and the
+vision model are decode knobs.
 
 The all-masked row. When beta mean S >= 1 every entry of a row is below zero (the diagonal is
 1 at most), the official softmax over a row of -inf returns NaN, and so does every logit after
@@ -169,7 +170,10 @@ def proxy_window_outputs(ev_tensors: Mapping[str, torch.Tensor], meta: Mapping[s
     """Z = A up(U) of every window on the chosen vision model's grid: W x P_v x D float32."""
     name = chosen_vision(params, meta)
     cells = tuple(meta["proxy_cells"][name])
-    sim = unpack_symmetric(ev_tensors[f"proxy.sim.{name}"], cells[0] * cells[1])
+    if f"proxy.sim.{name}" in ev_tensors:
+        sim = unpack_symmetric(ev_tensors[f"proxy.sim.{name}"], cells[0] * cells[1])
+    else:
+        sim = proxy_similarity(ev_tensors[f"proxy.feat.{name}"])
     z = proxy_output(sim, ev_tensors["proxy.values"], tuple(meta["grid"][2:]), cells,
                      float(params["beta"]), float(params["gamma"]), pooled, inplace=True)
     return z, name

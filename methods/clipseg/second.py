@@ -11,7 +11,8 @@ Evidence added (W windows, P_c CLIP patches, P_v vision tokens, D width, N_p SAM
 =========================  ===================  =============================================
 ``proxy.values``           W x P_c x D, dtype   U = out_proj(v_L) of the patches
 ``proxy.sim.<name>``       W x P_v(P_v+1)/2     S = F F^T of each vision model's unit features
-                           dtype                (packed upper triangle)
+                           dtype                (packed upper triangle), or when smaller
+``proxy.feat.<name>``      W x P_v x C, dtype   F itself (:func:`stores_similarity`)
 ``proxy.rows/cols.<name>`` float32              window upsampling on that model's grid
 ``trident.rows.<name>``,   float32              canvas paste + average + resize to SAM's grid
 ``trident.cols.<name>.p``
@@ -115,17 +116,20 @@ def second_evidence(seg: Any, models: Mapping[str, VisionModel], image: np.ndarr
     vision = {n: models[n] for n in vision_names(settings)}
     chunk = max(1, int(settings["chunk"]))
     final = seg.visual.transformer.resblocks[-1].attn.out_proj
-    values, feats = [], {n: [] for n in vision}
+    values, feats, kind = [], {n: [] for n in vision}, {}
     for i in range(0, len(windows), chunk):
         part = windows[i:i + chunk]
         v = (family_values[i:i + chunk] if family_values is not None
              else last_values(seg.visual, part.to(seg.device)))
         values.append(final(v[:, 1:].float()).cpu().to(dtype))
         for n, m in vision.items():
-            f = vision_features(m, part, seg.mean, seg.std)
-            feats[n].append(pack_symmetric(f @ f.transpose(1, 2)).to(dtype))
+            f = vision_features(m, part, seg.mean, seg.std)            # B x P_v x C, unit
+            kind[n] = "sim" if stores_similarity(*f.shape[1:]) else "feat"
+            if kind[n] == "sim":
+                f = pack_symmetric(f @ f.transpose(1, 2))
+            feats[n].append(f.to(dtype))
     t = {"proxy.values": torch.cat(values)}
-    t.update({f"proxy.sim.{n}": torch.cat(f) for n, f in feats.items()})
+    t.update({f"proxy.{kind[n]}.{n}": torch.cat(f) for n, f in feats.items()})
     t.update(proxy_geometry(vision, grid, image.shape[:2]))
     cells = proxy_cells(vision, grid)
     meta: dict[str, Any] = {"proxy_cells": cells}
@@ -147,6 +151,14 @@ def second_evidence(seg: Any, models: Mapping[str, VisionModel], image: np.ndarr
                      "sam_input_size": guided["input_size"],
                      "sam_original_size": guided["original_size"]})
     return t, meta
+
+
+def stores_similarity(tokens: int, channels: int) -> bool:
+    """Whether the evidence keeps a vision model's S (packed, P_v (P_v + 1) / 2 values: decode
+    skips F F^T, P_v^2 C per window) rather than its unit features F (P_v C values): when S is
+    at most 1.25 times F's size (DINO ViT-B/8 at 336 px: 1764 tokens x 768 channels keeps S;
+    SAM: 4096 x 256 keeps F)."""
+    return tokens + 1 <= 2.5 * channels
 
 
 def sam_guidance(sam: torch.nn.Module, image: np.ndarray, patch: int, split: int
