@@ -40,8 +40,9 @@ from bench.common import smooth_image, steady_malloc  # noqa: E402
 from methods.base import ClassSet  # noqa: E402
 from methods.clipseg.reference import full_forward_labels  # noqa: E402
 from methods.clipseg.segmenter import ClipSegSegmenter  # noqa: E402
-from search.config import load_method_spec, resolve  # noqa: E402
-from search.space import sample_value  # noqa: E402
+from methods.spec import load_method_spec  # noqa: E402
+from search.core.config import resolve  # noqa: E402
+from search.core.space import sample_value  # noqa: E402
 
 MODELS = {"dino-vitb8": {"arch": "dino", "random": True, "patch": 8},
           "dino-vitb16": {"arch": "dino", "random": True, "patch": 16},

@@ -39,12 +39,10 @@ from methods.clipseg.proxy import (
     vision_features,
 )
 from methods.clipseg.trident import canvas_operators, sam_guidance_pass, sam_image
+from methods.clipseg.variants import FAMILY, SECOND
 from methods.clipseg.vfm import VisionModel, load_vision, vision_entry
 from methods.clipseg.windows import WindowGrid
 from methods.deferred import Deferred
-
-#: The variants that read a second vision model.
-SECOND = ("proxyclip", "trident")
 
 
 def vision_names(settings: Mapping[str, Any]) -> list[str]:
@@ -230,8 +228,6 @@ def check_plan(backbone: Mapping[str, Any], settings: Mapping[str, Any],
                defaults: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]]) -> None:
     """What a search's settings and space cannot do together, before Ray (module docstring of
     :mod:`second`): OvssError naming it."""
-    from methods.clipseg.variants import FAMILY
-
     check_settings(settings)
     variants = set(_choices("attention", defaults, space))
     if variants & set(FAMILY) and not settings.get("family", True):
