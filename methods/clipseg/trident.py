@@ -146,7 +146,7 @@ def sam_guidance_pass(predictor: Any, image: np.ndarray, patch: int = 16
 def guidance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
              rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int],
              full: tuple[int, int], heads: int, cos_fac: float, refine_neg_cos: bool,
-             chunk: int = 32) -> torch.Tensor:
+             chunk: int = 128) -> torch.Tensor:
     """G of step 4: N x N float32, rows summing to 1.
 
     q, k, v: N x D (SAM's last block, valid tokens, heads concatenated); lse: heads x N, the
@@ -166,7 +166,7 @@ def guidance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tenso
     rh = get_rel_pos(full[0], full[0], rel_pos_h.float())[:vh, :vh]  # vh x vh x d
     rw = get_rel_pos(full[1], full[1], rel_pos_w.float())[:vw, :vw]
     qg = qh.reshape(heads, vh, vw, d)
-    rel_h = torch.einsum("hyxc,ykc->hyxk", qg, rh).reshape(heads, n, vh)
+    rel_h = torch.einsum("hyxc,ykc->hyxk", qg, rh).reshape(heads, n, vh) - lse[:, :, None]
     rel_w = torch.einsum("hyxc,xkc->hyxk", qg, rw).reshape(heads, n, vw)
     # tau_m = cos_fac * mean over heads and keys of C_h(m, .) = mean_h v_m . mean_n v_n
     tau = float(cos_fac) * (vn * vn.mean(1, keepdim=True)).sum(-1).mean(0)   # N
@@ -183,8 +183,7 @@ def guidance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tenso
         a = acc[:e - s].zero_()
         for h in range(heads):
             rel = (rel_h[h, s:e, :, None] + rel_w[h, s:e, None, :]).view(e - s, n)
-            ps = torch.addmm(rel - lse[h, s:e, None], qh[h, s:e] * scale, kt[h],
-                             out=p[:e - s])
+            ps = torch.addmm(rel, qh[h, s:e] * scale, kt[h], out=p[:e - s])   # log P_h
             ps.exp_()
             cs = torch.mm(vn[h, s:e], vt[h], out=c[:e - s])
             a.add_(ps.masked_fill_(cs <= tau[s:e], 0.0))
@@ -194,7 +193,7 @@ def guidance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tenso
 
 # --- decode ----------------------------------------------------------------------------------
 def trident_grid_features(ev: Evidence, params: Mapping[str, Any], heads_tables: Mapping[str,
-                          torch.Tensor], sam_heads: int, chunk: int = 32) -> torch.Tensor:
+                          torch.Tensor], sam_heads: int, chunk: int = 128) -> torch.Tensor:
     """Y = G X on SAM's grid, every part side by side: vh x sum(vw_p) x D float32."""
     t, meta = ev.tensors, ev.meta
     z, name = proxy_window_outputs(t, meta, params, pooled=True)        # W x P_v x D
