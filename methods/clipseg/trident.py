@@ -131,16 +131,16 @@ def sam_guidance_pass(predictor: Any, image: np.ndarray, patch: int = 16
     d = dim // heads
     qg = q[:vh, :vw].reshape(vh, vw, heads, d)
     kf = k.reshape(-1, heads, d).transpose(0, 1)                      # H x G x d
-    lse = torch.empty(heads, vh * vw)
+    lse = torch.empty(heads, vh * vw, device=x.device)
     for h in range(heads):
         rel_h = torch.einsum("yxc,ykc->yxk", qg[:, :, h], rh[:vh]).reshape(-1, gh)
         rel_w = torch.einsum("yxc,xkc->yxk", qg[:, :, h], rw[:vw]).reshape(-1, gw)
         logits = (qg[:, :, h].reshape(-1, d) * attn.scale) @ kf[h].T  # N x G
         logits = logits.view(-1, gh, gw) + rel_h[:, :, None] + rel_w[:, None, :]
         lse[h] = torch.logsumexp(logits.flatten(1), dim=-1)
-    return {"q": q[:vh, :vw].reshape(-1, dim), "k": k[:vh, :vw].reshape(-1, dim),
-            "v": v[:vh, :vw].reshape(-1, dim), "lse": lse, "grid": [vh, vw], "full": [gh, gw],
-            "embedding": predictor.features.detach().float().cpu()}
+    return {"q": q[:vh, :vw].reshape(-1, dim).cpu(), "k": k[:vh, :vw].reshape(-1, dim).cpu(),
+            "v": v[:vh, :vw].reshape(-1, dim).cpu(), "lse": lse.cpu(), "grid": [vh, vw],
+            "full": [gh, gw], "embedding": predictor.features.detach().float().cpu()}
 
 
 def guidance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
