@@ -228,3 +228,20 @@ def test_smoke_second_search_samples_the_new_variants_exports_and_infers(ray_ses
         pred = np.array(Image.open(png))
         assert pred.shape == Image.open(image).size[::-1] and pred.max() <= 3
 
+
+
+def test_a_trial_worker_decodes_trident_and_refines_from_the_decode_head(seg, voc):
+    """From the decode head alone (what a trial worker builds): the same labels, with and without
+    the refinement, and neither CLIP nor any vision model nor SAM's image encoder is built."""
+    from methods.deferred import Deferred
+
+    img = image(45, 70, seed=5)
+    ev = seg.extract(img, voc)
+    worker = type(seg).from_decode_state(TINY_CLIP, seg.settings, seg.decode_state())
+    for refine in (False, True):
+        p = tparams(sam_refine=refine, coarse_thresh=0.2, minimal_area=4, sam_iou_thresh=-1.0,
+                    sam_mask_coff=0.5, bg_threshold=0.05)
+        assert np.array_equal(worker.decode(ev, p), seg.decode(ev, p))
+    assert not worker.model_built
+    assert all(isinstance(m, Deferred) for m in worker._vision.values())
+    assert not list(worker.refine_sam().image_encoder.parameters())
