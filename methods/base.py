@@ -196,16 +196,9 @@ class Segmenter:
     @classmethod
     def knob_defaults(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
         """Trial-0 values of knobs that depend on the settings (e.g. a protocol's per-data-set
-        values); they replace the YAML defaults, an explicit ``--set knob=v`` wins. No weights
-        are read."""
+        values); they replace the YAML defaults, a preset's ``defaults`` and an explicit
+        ``--set knob=v`` win. No weights are read."""
         return {}
-
-    @classmethod
-    def check_plan(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
-                   defaults: Mapping[str, Any], space: Mapping[str, dict[str, Any]]) -> None:
-        """Checks of a resolved search before anything starts (no weights read): OvssError
-        naming what the settings, knobs and search space cannot do together. ``space``: knob ->
-        its YAML fields (``type``, ``low``, ``high``, ``choices``, ...)."""
 
     @classmethod
     def check_classes(cls, settings: Mapping[str, Any], classes: ClassSet) -> None:

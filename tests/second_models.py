@@ -23,7 +23,8 @@ VISION = {
 }
 SETTINGS = {"protocol": "proxyclip", "dataset": "voc21", "short_side": 56, "window": 56,
             "stride": 28, "templates": "simple", "evidence_dtype": "float32",
-            "vision": ["dino", "reg", "sam"], "vision_models": VISION, "family": False}
+            "vision": ["dino", "reg", "sam"], "vision_models": VISION,
+            "variants": ["proxyclip"]}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -74,7 +75,8 @@ def params(**kw):
             "bg_threshold": 0.2, "logit_scale": 40.0, "layer": 2, "tau": 6.0, "epsilon": 0.75,
             "dsi_start": -1, "min_pts": 3, "gaussian_std": 5.0, "cos_fac": 1.2,
             "refine_neg_cos": True, "sam_refine": False, "sam_iou_thresh": 0.8,
-            "coarse_thresh": 0.2, "minimal_area": 225, "sam_mask_coff": 0.005}
+            "coarse_thresh": 0.2, "minimal_area": 225, "sam_mask_coff": 0.005,
+            "pamr_steps": 0, "pamr_dilations": "8,16"}
     return {**base, **kw}
 
 

@@ -132,13 +132,13 @@ def test_evidence_holds_u_and_the_features_keyed_by_the_vision_settings(seg, voc
     ev = seg.extract(img, voc)
     assert set(ev.meta["proxy_cells"]) == {"dino", "reg", "sam"}
     assert ev.meta["proxy_cells"]["sam"] == [8, 8] and ev.meta["proxy_cells"]["dino"] == [7, 7]
-    assert "key_gram" not in ev.tensors                                 # family: false
+    assert "key_gram" not in ev.tensors and "fixed_cos" not in ev.tensors  # variants: proxyclip
     key = seg.settings_key()
     assert key["vision_models"]["dino"] == VISION["dino"] and key["vision"] == ["dino", "reg",
                                                                              "sam"]
     with pytest.raises(OvssError, match="not extracted"):
         seg.decode(ev, params(vision="other"))
-    with pytest.raises(OvssError, match="family"):
+    with pytest.raises(OvssError, match=r"extracted for \['proxyclip'\] only"):
         seg.decode(ev, params(attention="cra"))
 
 

@@ -33,7 +33,7 @@ VISION = {
 SETTINGS = {"protocol": "trident", "dataset": "voc21", "short_side": 56, "window": 56,
             "stride": 24, "align": 8, "templates": "simple", "evidence_dtype": "float32",
             "vision": ["d8", "d4", "d7"], "vision_models": VISION, "sam": "sam",
-            "family": False}
+            "variants": ["trident"]}
 
 
 def sharp(s):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.base import Evidence, OvssError
+from methods.base import Evidence
 from methods.clipseg.labels import labels_from_probs, names_to_classes, upsample
 from methods.clipseg.sam_refine import refined_labels
 from methods.clipseg.second import second_logits
@@ -57,9 +57,6 @@ class ClipSegDecode:
                 return x
             x = x.permute(1, 0, 2)                                          # N x H x W
         else:
-            if not meta.get("family", True):
-                raise OvssError(f"clipseg: attention {params['attention']} needs the family's "
-                                f"evidence (settings.family was false at extract)")
             cos = self.window_cosines(evidence, params)
             if steps == 0:
                 x = mosaic(cos * scale, *meta["grid"])                     # N x Agh x Bgw

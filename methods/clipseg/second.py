@@ -39,7 +39,7 @@ from methods.clipseg.proxy import (
     vision_features,
 )
 from methods.clipseg.trident import canvas_operators, sam_guidance_pass, sam_image
-from methods.clipseg.variants import FAMILY, SECOND
+from methods.clipseg.variants import SECOND
 from methods.clipseg.vfm import VisionModel, load_vision, vision_entry
 from methods.clipseg.windows import WindowGrid
 from methods.deferred import Deferred
@@ -55,9 +55,21 @@ def vision_names(settings: Mapping[str, Any]) -> list[str]:
     return [str(n) for n in names]
 
 
-def check_settings(settings: Mapping[str, Any]) -> None:
+def served(settings: Mapping[str, Any]) -> tuple[str, ...]:
+    """The second-model variants the settings can serve: proxyclip with ``vision``, trident
+    with ``vision`` and ``sam`` (what ``settings.variants`` null adds to the family's)."""
+    if not vision_names(settings):
+        return ()
+    return SECOND if settings.get("sam") else SECOND[:1]
+
+
+def check_settings(settings: Mapping[str, Any], variants: Sequence[str] = ()) -> None:
     """The vision models named by ``vision`` / ``sam`` exist and are well formed (no weights
-    read); Trident's SAM is a SAM."""
+    read); Trident's SAM is a SAM; the second-model variants among ``variants`` (what extract
+    serves) have what they read."""
+    for v in (v for v in variants if v in SECOND and v not in served(settings)):
+        need = "settings.vision" if v == "proxyclip" else "settings.vision and settings.sam"
+        raise OvssError(f"clipseg: settings.variants lists {v}, which needs {need}")
     for name in vision_names(settings):
         vision_entry(settings, name)
     if settings.get("sam"):
@@ -191,8 +203,8 @@ def second_logits(seg: Any, ev: Evidence, params: Mapping[str, Any], scale: floa
 
     variant = params["attention"]
     if "proxy.values" not in ev.tensors:
-        raise OvssError(f"clipseg: attention {variant} needs a second vision model's evidence "
-                        f"(settings.vision was empty at extract)")
+        raise OvssError(f"clipseg: attention={variant}: this evidence was extracted for "
+                        f"{ev.meta.get('variants')} only (settings.variants, settings.vision)")
     if variant == "proxyclip":
         return proxy_logits(seg.features, ev.tensors, ev.meta, params, scale)
     head = seg.decode_state()
@@ -230,9 +242,6 @@ def check_plan(backbone: Mapping[str, Any], settings: Mapping[str, Any],
     :mod:`second`): OvssError naming it."""
     check_settings(settings)
     variants = set(_choices("attention", defaults, space))
-    if variants & set(FAMILY) and not settings.get("family", True):
-        raise OvssError(f"clipseg: attention {sorted(variants & set(FAMILY))} needs the "
-                        f"family's evidence, but settings.family is false")
     if not variants & set(SECOND):
         return
     names = vision_names(settings)

@@ -25,8 +25,8 @@ Decode runs no transformer block: it reads ln_post, proj, out_proj (and for sccl
 block's ln_1 and key / value projections) from the decode head (head.py), which is all a trial
 worker decoding cached evidence builds (``from_decode_state``). ``pamr_steps`` > 0 refines the
 cosines at the original size with PAMR (methods/pamr.py) before the logit scale, as NACLIP does.
-``proxyclip`` and ``trident`` read a second vision model's evidence (second.py); the family's
-tensors above are extracted only with ``settings.family``.
+``proxyclip`` and ``trident`` read a second vision model's evidence (second.py), extracted when
+``settings.variants`` holds them (null: when ``settings.vision`` / ``sam`` can serve them).
 """
 
 from __future__ import annotations
@@ -65,12 +65,13 @@ from methods.clipseg.second import (
     sam_head,
     sam_size,
     second_evidence,
+    served,
     settings_models,
-    vision_names,
 )
 from methods.clipseg.trident import aligned_size
 from methods.clipseg.variants import (
     DSI_TERMS,
+    SECOND,
     VARIANTS,
     check_variants,
     stored_tensors,
@@ -90,13 +91,12 @@ SETTINGS: dict[str, Any] = {
     "seed": 0, "protocol": "cra", "dataset": None, "templates": "imagenet80",
     "evidence_dtype": "float16", "chunk": 16, "variants": None, "scclip_layers": None,
     "lof_neighbors": 30, "lof_contamination": 0.05, **{k: None for k in PROFILE_KEYS},
-    "vision": [], "vision_models": {}, "sam": None, "family": True,
+    "vision": [], "vision_models": {}, "sam": None,
 }
 #: Settings that change extract's output (the rest only change decode).
 EXTRACT_SETTINGS = ("short_side", "window", "stride", "templates", "evidence_dtype", "names",
                     "dataset", "background", "variants", "scclip_layers", "lof_neighbors",
-                    "lof_contamination", "pad_to", "align", "sam_split", "vision", "sam",
-                    "family")
+                    "lof_contamination", "pad_to", "align", "sam_split", "vision", "sam")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 VERSION = 3
 
@@ -118,8 +118,9 @@ class ClipSegSegmenter(ClipSegDecode, Segmenter):
             raise OvssError(f"clipseg: evidence_dtype must be one of {sorted(DTYPES)}")
         if self.settings["templates"] not in TEMPLATES:
             raise OvssError(f"clipseg: templates must be one of {sorted(TEMPLATES)}")
-        self.variants = check_variants(self.settings["variants"])
         check_settings(self.settings)
+        self.variants = check_variants(self.settings["variants"], served(self.settings))
+        check_settings(self.settings, self.variants)
         self.model_name, self.device = model_name, device
         # name -> second vision model (vfm.VisionModel, or a Deferred builder: extract only)
         self._vision = dict(vision) if vision is not None else load_models(
@@ -220,17 +221,16 @@ class ClipSegSegmenter(ClipSegDecode, Segmenter):
         """The protocol's trial-0 knob values (protocols.KNOBS) and the first vision model."""
         return knob_defaults(apply_protocol({**SETTINGS, **settings}))
 
-    @classmethod
-    def check_plan(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
-                   defaults: Mapping[str, Any], space: Mapping[str, dict[str, Any]]) -> None:
-        check_plan(backbone, apply_protocol({**SETTINGS, **settings}), defaults, space)
 
     @classmethod
     def search_settings(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
                         defaults: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]]
                         ) -> dict[str, Any]:
-        """The variants and SC-CLIP layers a search over ``space`` can reach (reach.py)."""
-        return search_settings(backbone, settings, defaults, space)
+        """The variants and SC-CLIP layers a search over ``space`` can reach (reach.py), and
+        what the second vision models cannot do with these settings (second.check_plan)."""
+        out = search_settings(backbone, settings, defaults, space)
+        check_plan(backbone, apply_protocol({**SETTINGS, **out}), defaults, space)
+        return out
 
     @property
     def model(self) -> torch.nn.Module:
@@ -345,9 +345,9 @@ class ClipSegSegmenter(ClipSegDecode, Segmenter):
         grid = self.window_grid(tuple(pixels.shape[1:]))
         windows = window_batch(pixels, grid)
         dtype = DTYPES[self.settings["evidence_dtype"]]
-        keep = stored_tensors(self.variants) if self.settings["family"] else set()
+        keep = stored_tensors(self.variants)
         scclip = "scclip" in self.variants
-        second = bool(vision_names(self.settings) or self.settings["sam"])
+        second = bool(set(self.variants) & set(SECOND))
         tensors, v_last = {}, None
         if keep or scclip:
             tensors, v_last = clip_evidence(self, windows, grid, text, dtype, keep, scclip,
@@ -357,7 +357,7 @@ class ClipSegSegmenter(ClipSegDecode, Segmenter):
                 "image_size": list(image.shape[:2]),
                 "grid": [len(grid.ys), len(grid.xs), grid.gh, grid.gw],
                 "tokens": 1 + grid.gh * grid.gw, "layers": self.num_layers,
-                "variants": list(self.variants), "family": bool(self.settings["family"])}
+                "variants": list(self.variants)}
         if second:
             models = {n: self.vision(n) for n in self._vision}
             extra, extra_meta = second_evidence(self, models, image, windows, grid, v_last,

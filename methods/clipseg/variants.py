@@ -66,10 +66,11 @@ def stored_tensors(variants: Collection[str]) -> set[str]:
     return {k for v in variants for k in NEEDS[v]}
 
 
-def check_variants(variants: Any) -> tuple[str, ...]:
-    """``settings.variants``: null (:data:`DEFAULT_VARIANTS`) or a list of known variants."""
+def check_variants(variants: Any, second: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``settings.variants``: null (:data:`DEFAULT_VARIANTS` and ``second``: the second-model
+    variants the settings can serve, second.py) or a list of known variants."""
     if variants is None:
-        return DEFAULT_VARIANTS
+        return (*DEFAULT_VARIANTS, *second)
     if isinstance(variants, str) or not isinstance(variants, (list, tuple)) or not variants:
         raise OvssError(f"clipseg: settings.variants must be null or a non-empty list of "
                         f"{list(VARIANTS)}, got {variants!r}")

@@ -97,10 +97,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
         data_kwargs["image_labels_file"] = str(Path(args.image_labels).resolve())
     _presence_source(resolved.settings, args, root, labels_mode, data_kwargs)
     data = open_dataset(**data_kwargs)
-    seg_class = get_segmenter_class(args.method)
-    seg_class.check_classes(resolved.settings, data.classes)
-    seg_class.check_plan(resolved.backbone, resolved.settings, resolved.defaults,
-                         {k: p.model_dump(exclude_none=True) for k, p in resolved.space.items()})
+    get_segmenter_class(args.method).check_classes(resolved.settings, data.classes)
     max_images = args.max_images or (preset.max_images if preset else None)
     n = len(data) if not max_images else min(max_images, len(data))
     if n == 0:
