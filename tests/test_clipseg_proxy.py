@@ -166,3 +166,16 @@ def test_features_instead_of_similarities_decode_alike(seg, voc, monkeypatch):
         p = params(vision=vision)
         assert (seg.decode_probs(ev_f, p) - seg.decode_probs(ev, p)).abs().max() < 1e-5
 
+
+
+def test_pamr_refines_proxyclip_as_the_straight_forward(seg, voc):
+    """pamr_steps > 0 refines proxyclip's logits at the original size before the logit scale,
+    as the straight forward (reference.py, NACLIP's placement) does, and changes them."""
+    from methods.clipseg.reference import full_forward_probs
+
+    img = image(56, 97, seed=3)
+    ev = seg.extract(img, voc)
+    p = params(pamr_steps=3, pamr_dilations="1,2", bg_threshold=0.05)
+    got = seg.decode_probs(ev, p)
+    assert (got - full_forward_probs(seg, img, voc, p)).abs().max().item() < 1e-4
+    assert (got - seg.decode_probs(ev, {**p, "pamr_steps": 0})).abs().max().item() > 1e-3
