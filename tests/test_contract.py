@@ -101,7 +101,7 @@ def _second_case(attention: str, vision: str, refine: bool = False) -> Case:
     tiny = {**r.backbone, "tiny": {**r.backbone["tiny"], "heads": 4, "layers": 5}}
     settings = {**r.settings, "short_side": 48, "window": 32, "stride": 16,
                 "protocol": "trident" if attention == "trident" else "proxyclip",
-                "templates": "simple"}
+                "templates": "simple", "variants": [attention]}
     if attention == "proxyclip":
         settings.update({"pad_to": 16, "sam": None})
     else:
