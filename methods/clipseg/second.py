@@ -38,6 +38,7 @@ from methods.clipseg.proxy import (
     proxy_geometry,
     vision_features,
 )
+from methods.clipseg.reach import reach
 from methods.clipseg.trident import canvas_operators, sam_guidance_pass, sam_image
 from methods.clipseg.variants import SECOND
 from methods.clipseg.vfm import VisionModel, load_vision, vision_entry
@@ -217,10 +218,8 @@ def second_logits(seg: Any, ev: Evidence, params: Mapping[str, Any], scale: floa
 
 def _choices(knob: str, defaults: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]]
              ) -> list[Any]:
-    """The values a search can give ``knob``: its categorical choices, else its default."""
-    if knob in space and space[knob].get("type") == "categorical":
-        return list(space[knob]["choices"])
-    return [defaults.get(knob)]
+    """The values a search can give ``knob`` (reach.py; an unset knob: None)."""
+    return reach(knob, {knob: None, **defaults}, space)
 
 
 def clip_patch(backbone: Mapping[str, Any]) -> int | None:
