@@ -179,3 +179,19 @@ def test_pamr_refines_proxyclip_as_the_straight_forward(seg, voc):
     got = seg.decode_probs(ev, p)
     assert (got - full_forward_probs(seg, img, voc, p)).abs().max().item() < 1e-4
     assert (got - seg.decode_probs(ev, {**p, "pamr_steps": 0})).abs().max().item() > 1e-3
+
+
+def test_variants_null_serves_what_the_vision_settings_can():
+    """settings.variants null: the family's variants plus proxyclip with settings.vision, plus
+    trident with settings.sam too; listing one the settings cannot serve is one line."""
+    from methods.clipseg.second import check_settings, served
+    from methods.clipseg.variants import FAMILY, check_variants
+
+    base = {"vision_models": VISION}
+    assert check_variants(None, served(base)) == FAMILY
+    assert check_variants(None, served({**base, "vision": ["dino"]})) == (*FAMILY, "proxyclip")
+    both = {**base, "vision": ["dino"], "sam": "sam"}
+    assert check_variants(None, served(both)) == (*FAMILY, "proxyclip", "trident")
+    with pytest.raises(OvssError, match="lists trident, which needs settings.vision and "
+                                        "settings.sam"):
+        check_settings({**base, "vision": ["dino"]}, ("cra", "trident"))
