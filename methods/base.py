@@ -194,6 +194,13 @@ class Segmenter:
         raise NotImplementedError(f"{cls.__name__}.from_spec")
 
     @classmethod
+    def knob_defaults(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Trial-0 values of knobs that depend on the settings (e.g. a protocol's per-data-set
+        values); they replace the YAML defaults, a preset's ``defaults`` and an explicit
+        ``--set knob=v`` win. No weights are read."""
+        return {}
+
+    @classmethod
     def check_classes(cls, settings: Mapping[str, Any], classes: ClassSet) -> None:
         """Before any model loads (a search calls it before Ray starts): OvssError when the
         method could not tell two of ``classes`` apart under these settings beyond what

@@ -121,6 +121,7 @@ class Preset(_Strict):
     set: dict[str, Any] = Field(default_factory=dict)
     #: knob values that replace the paper defaults (trial 0) and stay searched (``set`` fixes)
     defaults: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, SpaceParam] = Field(default_factory=dict)   # replaces the method's
     proxy: ProxySpec | None = None      # merged over the method's proxy
     rerank_top: int | None = Field(default=None, ge=1)   # default of --rerank-top
 
@@ -173,6 +174,9 @@ class MethodSpec(_Strict):
                 if k not in self.defaults:
                     raise ValueError(f"presets.{name}.defaults: knob {k!r} has no entry in "
                                      f"defaults")
+            for k in preset.space:
+                if k not in self.defaults:
+                    raise ValueError(f"presets.{name}.space.{k}: knob has no entry in defaults")
         return self
 
 

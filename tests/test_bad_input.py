@@ -98,6 +98,31 @@ clipseg_flags("clipseg-pamr-negative-steps", "--set", "space.pamr_steps.low=-5",
 clipseg_flags("clipseg-pamr-negative-steps-fixed", "--set", "pamr_steps=-1",
               names=("pamr_steps=-1", "[0, 20]"))
 
+
+# --- clipseg's second vision model (proxyclip, trident): refused before Ray, no weights read -----
+def second(name: str, *extra: str, names: tuple[str, ...], preset: str = "smoke_second"):
+    CASES.case(name)(lambda w: (["--method", "clipseg", "--preset", preset, "--dataset",
+                                 "voc21", "--data-root", str(w.voc_src), "--num-samples", "2",
+                                 *extra], names))
+
+
+second("clipseg-vision-model-unknown", "--set", "settings.vision=[tiny-dino, nosuch]",
+       names=("'nosuch'", "settings.vision_models"))
+second("clipseg-vision-knob-not-extracted", "--set", "settings.vision=[tiny-dino]",
+       names=("vision='tiny-dinov2-reg'", "not extracted"))
+second("clipseg-window-the-vision-model-cannot-take", "--set", "settings.pad_to=12",
+       names=("'tiny-dino'", "patch 8", "36 px window"))
+second("clipseg-trident-sam-not-a-sam", "--set", "settings.sam=tiny-dino",
+       names=("settings.sam", "'tiny-dino'", "not a SAM"))
+second("clipseg-trident-window-off-the-patch-grid", "--set", "settings.window=30",
+       "--set", "settings.pad_to=8", names=("trident", "window 30"))
+second("clipseg-sam-checkpoint-missing", names=("sam-vitb", "sam_vit_b_01ec64.pth"),
+       preset="trident")
+second("clipseg-vision-model-bad-arch", "--set",
+       "settings.vision_models={tiny-dino: {arch: mae, tiny: {}}}",
+       names=("'tiny-dino'", "arch"))
+
+
 # --- unknown and malformed names -----------------------------------------------------------------
 CASES.flags("unknown-backbone", "--backbone", "vit-z", names=("'vit-z'", "tiny, other"))
 CASES.flags("unknown-split", "--split", "nosplit", names=("'nosplit'", "val, train"))

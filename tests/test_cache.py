@@ -346,3 +346,4 @@ def test_a_trial_recomputes_a_damaged_entry(tmp_path, monkeypatch, voc_root):
     got = evidence_for(ctx, item, ctx.defaults)
     assert toy_method.CALLS["extract"] == calls + 1      # recomputed, not read
     assert _same(got, want) and _same(EvidenceCache(tmp_path / "c").get("toy", path.stem), want)
+

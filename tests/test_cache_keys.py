@@ -98,3 +98,27 @@ def test_hub_models_are_keyed_by_the_resolved_commit(tmp_path, monkeypatch):
 def test_tiny_backbones_have_no_files():
     assert weights_identity({"name": "tiny", "tiny": {"width": 64}}) == {}
     assert weights_identity({"name": "tiny"}) == {}
+
+
+def test_clipseg_second_vision_models_are_in_the_key(tmp_path, monkeypatch):
+    """The weights of the vision models a clipseg search extracts (settings.vision, .sam) are
+    in the key; an entry no search extracts is not."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    sam = tmp_path / "sam_vit_b.pth"
+    sam.write_bytes(b"s" * 64)
+    models = {"dino": {"arch": "dino", "model": "facebook/dino-vitb8"},
+              "sam": {"arch": "sam", "path": str(sam)},
+              "unused": {"arch": "dino", "path": str(tmp_path / "nowhere")}}
+    spec = {"name": "b", "model": "ViT-B-16-quickgelu", "pretrained": "openai"}
+    settings = {"vision": ["dino"], "sam": "sam", "vision_models": models}
+    ident = weights_identity(settings)["vision_models"]
+    assert set(ident) == {"dino", "sam"}
+    assert ident["dino"]["model"]["hub"] == "facebook/dino-vitb8"
+    k1 = _key(spec, settings)
+    _fake_hub_cache(tmp_path, "facebook/dino-vitb8", "e" * 40)       # the hub model moved on
+    k2 = _key(spec, settings)
+    sam.write_bytes(b"t" * 64)                                      # new SAM weights, same path
+    k3 = _key(spec, settings)
+    assert len({k1, k2, k3}) == 3

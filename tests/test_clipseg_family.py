@@ -17,7 +17,8 @@ from methods.base import ClassSet
 from methods.clipseg import SEGMENTER
 from methods.clipseg.protocols import PROTOCOLS, profile, reference_names
 from methods.clipseg.reference import full_forward_labels, full_forward_probs
-from methods.clipseg.variants import DEFAULT_VARIANTS, VARIANTS
+from methods.clipseg.variants import CLIP_VARIANTS as VARIANTS
+from methods.clipseg.variants import DEFAULT_VARIANTS
 
 TINY = {"name": "tiny4", "tiny": {"width": 64, "layers": 4, "heads": 4, "patch_size": 8,
                                   "image_size": 32}}

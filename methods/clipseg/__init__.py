@@ -14,10 +14,14 @@ as its official code computes it, and ``settings.protocol`` their dense-inferenc
 
 Modules: ``backbone`` (open_clip loading, tiny configs, text embeddings), ``formulas`` (one
 function per equation), ``windows`` (sliding-window geometry), ``vit`` (the single ViT pass of
-extract), ``head`` (the few model tensors decode reads), ``variants`` (the evidence each
-variant reads, its decode), ``scclip`` (SC-CLIP's steps), ``reach`` (what a search's space can
-reach, decided before Ray), ``segmenter`` (extract / decode),
-``reference`` (the straight full forward used as ground truth and as the naive baseline).
+extract), ``head`` (the few model tensors decode reads), ``variants`` (the ``attention`` values:
+the evidence each reads, its decode), ``scclip`` (SC-CLIP's steps), ``reach`` (what a search's
+space can reach, decided before Ray), ``evidence`` (extract's CLIP pass), ``segmenter``
+(extract), ``decoding`` (decode), ``reference`` (the straight full forward used as ground truth
+and as the naive baseline). A second vision model (docs/frontier.md): ``vfm`` (DINO / DINOv2 /
+SAM), ``proxy`` (ProxyCLIP), ``trident`` (Trident), ``sam_refine`` (Trident's SAM refinement),
+``second`` (their evidence, decode head and pre-Ray checks), ``reference_second`` (their
+straight forward).
 Choices where the paper is silent are listed in docs/clipseg.md and in the module docstrings:
 
 - ``layer`` is the 1-based block index M (the paper's numbering: "layers 8-9 for CLIP-L",

@@ -21,6 +21,17 @@ class-name lists are embedded. Sources (file and line) are in docs/clipseg.md.
   side 336 (Cityscapes 560), 224 / 112 everywhere, its own logit scales and thresholds.
 - ``custom``: the plain settings; unset ones take 448 / 224 / 112, logit scale 40 and our
   threshold rule (clipseg's settings before the protocols existed).
+- ``proxyclip``: mc-lan/ProxyCLIP configs (windows padded centred to a multiple of 56), names
+  from its ``configs/cls_*.txt`` (``; `` separated; VOC21 26 and COCO-Object 17 stuff words as
+  the background query).
+- ``trident``, ``trident_base``: YuHengsss/Trident configs (the image resized to multiples of 16
+  and at least the window, SAM on the left and right halves on Cityscapes), the same name
+  files as ProxyCLIP (md5-identical); ``trident`` refines with SAM (its README's
+  ``--sam_refine``), ``trident_base`` does not (its ``configs/base_config.py``).
+
+A protocol also gives the trial-0 values of the knobs its repository hand-sets per data set
+(``KNOBS``, :func:`knob_defaults`): ProxyCLIP's and Trident's thresholds, ``cos_fac`` and
+refinement thresholds are searched, their official values are where the search starts.
 
 Background by a query (``background: query``): class 0 is embedded from its names, the softmax
 runs over all names including class 0's, a class's probability is its best name's, SCLIP's
@@ -50,7 +61,7 @@ NAME_FILES = {"voc21": "voc21", "voc20": "voc20", "context60": "context60",
 
 #: Keys a profile may set (the rest of the segmenter's settings are untouched).
 PROFILE_KEYS = ("short_side", "window", "stride", "logit_scale", "background", "prob_threshold",
-                "area_threshold", "names")
+                "area_threshold", "names", "pad_to", "align", "sam_split")
 
 _QUERY = {"background": "query"}
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -100,7 +111,50 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     # the plain settings; what is still unset takes the values clipseg used before protocols
     "custom": {"base": {"short_side": 448, "window": 224, "stride": 112, "logit_scale": 40.0,
                         "background": "threshold"}},
+    "proxyclip": {
+        "base": {"short_side": 336, "window": 336, "stride": 112, "logit_scale": 40.0,
+                 "background": "threshold", "prob_threshold": None, "area_threshold": None,
+                 "names": "proxyclip", "pad_to": 56},
+        "voc21": _QUERY, "context60": _QUERY, "coco_object": _QUERY,
+        "ade20k": {"short_side": 448},
+        "cityscapes": {"short_side": 448, "window": 224, "stride": 112},
+    },
+    "trident": {
+        "base": {"short_side": 448, "window": 336, "stride": 224, "logit_scale": 40.0,
+                 "background": "threshold", "prob_threshold": None, "area_threshold": None,
+                 "names": "proxyclip", "align": 16},
+        "voc21": _QUERY, "context60": {**_QUERY, "short_side": 576},
+        "coco_object": _QUERY,
+        "voc20": {"short_side": 336, "stride": 112},
+        "context59": {"short_side": 576}, "ade20k": {"short_side": 576},
+        "cityscapes": {"short_side": 688, "sam_split": 2},
+    },
 }
+PROTOCOLS["trident_base"] = PROTOCOLS["trident"]
+
+#: Trial-0 values of knobs, per protocol and data set ("base": every data set).
+KNOBS: dict[str, dict[str, dict[str, Any]]] = {
+    "proxyclip": {
+        "base": {"logit_scale": 40.0, "beta": 1.2, "gamma": 3.0},
+        "voc21": {"bg_threshold": 0.2}, "context60": {"bg_threshold": 0.15},
+        "coco_object": {"bg_threshold": 0.25},
+    },
+    "trident": {
+        "base": {"logit_scale": 40.0, "beta": 1.2, "gamma": 3.0, "cos_fac": 1.2,
+                 "refine_neg_cos": True, "sam_refine": True, "sam_iou_thresh": 0.8,
+                 "coarse_thresh": 0.2, "minimal_area": 225, "sam_mask_coff": 0.005},
+        "voc21": {"bg_threshold": 0.2, "coarse_thresh": 0.2},
+        "voc20": {"coarse_thresh": 0.2, "cos_fac": 0.0},
+        "context60": {"bg_threshold": 0.15, "coarse_thresh": 0.15},
+        "context59": {"coarse_thresh": 0.15},
+        "coco_object": {"bg_threshold": 0.25, "coarse_thresh": 0.25},
+        "coco_stuff164k": {"coarse_thresh": 0.05},
+        "cityscapes": {"cos_fac": 3.0, "refine_neg_cos": False, "coarse_thresh": 0.1},
+        "ade20k": {"refine_neg_cos": False, "coarse_thresh": 0.05},
+    },
+}
+KNOBS["trident_base"] = {**KNOBS["trident"],
+                         "base": {**KNOBS["trident"]["base"], "sam_refine": False}}
 
 
 def profile(protocol: str, dataset: str | None) -> dict[str, Any]:
@@ -109,6 +163,17 @@ def profile(protocol: str, dataset: str | None) -> dict[str, Any]:
         raise OvssError(f"clipseg: unknown protocol {protocol!r}; choose {sorted(PROTOCOLS)}")
     table = PROTOCOLS[protocol]
     return {**table["base"], **table.get(dataset or "", {})}
+
+
+def knob_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The trial-0 knob values the protocol gives for the data set (``KNOBS``), and ``vision``:
+    the first vision model extracted (``settings.vision``)."""
+    table = KNOBS.get(str(settings.get("protocol") or "custom"), {})
+    out = {**table.get("base", {}), **table.get(str(settings.get("dataset")), {})}
+    vision = settings.get("vision") or []
+    if vision:
+        out["vision"] = vision[0]
+    return out
 
 
 def apply_protocol(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,9 +189,9 @@ def apply_protocol(settings: Mapping[str, Any]) -> dict[str, Any]:
 @lru_cache(maxsize=32)
 def reference_names(source: str, dataset: str) -> tuple[tuple[str, ...], ...]:
     """One tuple of names per class, as the reference repo lists them in ``cls_*.txt``
-    (SCLIP / NACLIP split a line on ", ", ClearCLIP on ",")."""
+    (SCLIP / NACLIP split a line on ", ", ClearCLIP on ",", ProxyCLIP / Trident on "; ")."""
     path = NAMES_DIR / source / f"{NAME_FILES[dataset]}.txt"
-    sep = ", " if source == "sclip" else ","
+    sep = {"sclip": ", ", "proxyclip": "; "}.get(source, ",")
     lines = path.read_text().split("\n")
     lines = [ln for ln in lines if ln.strip()]
     return tuple(tuple(n.replace("\n", "") for n in ln.split(sep)) for ln in lines)

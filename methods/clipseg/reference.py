@@ -30,6 +30,11 @@ from methods.clipseg.formulas import (
     relation_attention,
 )
 from methods.clipseg.labels import labels_from_probs, names_to_classes
+from methods.clipseg.reference_second import (
+    proxy_window_logits,
+    refine_straight,
+    trident_logits_straight,
+)
 from methods.clipseg.scclip import (
     FinalAttention,
     adjust_weights,
@@ -40,7 +45,7 @@ from methods.clipseg.scclip import (
 )
 from methods.clipseg.segmenter import ClipSegSegmenter
 from methods.clipseg.vit import embed_windows
-from methods.clipseg.windows import window_batch, window_grid
+from methods.clipseg.windows import window_batch
 from methods.pamr import pamr, parse_dilations
 
 
@@ -140,29 +145,39 @@ def full_forward_probs(seg: ClipSegSegmenter, image: np.ndarray, classes: ClassS
     seg.check_params(params, seg.num_layers)
     pixels = seg.preprocess(image)
     size = tuple(pixels.shape[1:])
-    grid = window_grid(size, *seg.geometry(size), seg.patch)
+    grid = seg.window_grid(size)
     names, owner = seg.class_names(classes)
     text = seg.text_embeddings(names)
-    windows = window_batch(pixels, grid)
-    canvas = torch.zeros(len(names), *size)
-    count = torch.zeros(1, *size)
-    chunk = max(1, int(seg.settings["chunk"]))
-    offsets = [(y, x) for y in grid.ys for x in grid.xs]
-    for s in range(0, len(windows), chunk):
-        feats = window_features(seg, windows[s:s + chunk].to(seg.device), params).float().cpu()
-        cos = (feats @ text.T).transpose(1, 2).reshape(-1, len(names), grid.gh, grid.gw)
-        up = F.interpolate(cos, size=(grid.ph, grid.pw), mode="bilinear", align_corners=False)
-        for (y, x), win in zip(offsets[s:s + chunk], up):
-            canvas[:, y:y + grid.wh, x:x + grid.ww] += win[:, :grid.wh, :grid.ww]
-            count[:, y:y + grid.wh, x:x + grid.ww] += 1
-    logits = F.interpolate((canvas / count)[None], size=image.shape[:2], mode="bilinear",
-                           align_corners=False)[0]
+    variant = params["attention"]
+    if variant == "trident":
+        logits = trident_logits_straight(seg, pixels, grid, image, params, text)
+    else:
+        windows = window_batch(pixels, grid)
+        canvas = torch.zeros(len(names), *size)
+        count = torch.zeros(1, *size)
+        chunk = max(1, int(seg.settings["chunk"]))
+        offsets = [(y, x) for y in grid.ys for x in grid.xs]
+        top, left = grid.top, grid.left
+        for s in range(0, len(windows), chunk):
+            if variant == "proxyclip":
+                cos = proxy_window_logits(seg, windows[s:s + chunk], params, text)
+            else:
+                feats = window_features(seg, windows[s:s + chunk].to(seg.device),
+                                        params).float().cpu()
+                cos = (feats @ text.T).transpose(1, 2).reshape(-1, len(names), grid.gh, grid.gw)
+            up = F.interpolate(cos, size=(grid.ph, grid.pw), mode="bilinear", align_corners=False)
+            for (y, x), win in zip(offsets[s:s + chunk], up):
+                canvas[:, y:y + grid.wh, x:x + grid.ww] += win[:, top:top + grid.wh,
+                                                               left:left + grid.ww]
+                count[:, y:y + grid.wh, x:x + grid.ww] += 1
+        logits = F.interpolate((canvas / count)[None], size=image.shape[:2], mode="bilinear",
+                               align_corners=False)[0]
     if int(params["pamr_steps"]) > 0:               # NACLIP naclip.py 126-132
-        guide = F.interpolate(pixels[None], size=image.shape[:2], mode="bilinear",
-                              align_corners=False)[0]
+        guide = F.interpolate(seg.normalise(seg.resized(image))[None], size=image.shape[:2],
+                              mode="bilinear", align_corners=False)[0]
         logits = pamr(guide, logits, int(params["pamr_steps"]),
                       parse_dilations(params["pamr_dilations"]))
-    probs = torch.softmax(float(seg.settings["logit_scale"]) * logits, 0)
+    probs = torch.softmax(seg.logit_scale(params) * logits, 0)
     return names_to_classes(probs, owner)
 
 
@@ -170,5 +185,11 @@ def full_forward_labels(seg: ClipSegSegmenter, image: np.ndarray, classes: Class
                         params: Mapping[str, Any]) -> np.ndarray:
     """H x W int64 label map by a full forward (the naive per-trial pipeline)."""
     probs = full_forward_probs(seg, image, classes, params)
-    return labels_from_probs(probs, seg.background_mode(classes), seg.threshold(params),
-                             seg.settings["area_threshold"])
+    mode = seg.background_mode(classes)
+    labels = labels_from_probs(probs, mode, seg.threshold(params), seg.settings["area_threshold"])
+    if params["attention"] == "trident" and params.get("sam_refine"):
+        if mode == "threshold":
+            probs = torch.cat([torch.zeros_like(probs[:1]), probs])
+        labels = refine_straight(seg, image, torch.from_numpy(labels), probs,
+                                 params).numpy().astype(np.int64)
+    return labels

@@ -25,6 +25,8 @@ Decode runs no transformer block: it reads ln_post, proj, out_proj (and for sccl
 block's ln_1 and key / value projections) from the decode head (head.py), which is all a trial
 worker decoding cached evidence builds (``from_decode_state``). ``pamr_steps`` > 0 refines the
 cosines at the original size with PAMR (methods/pamr.py) before the logit scale, as NACLIP does.
+``proxyclip`` and ``trident`` read a second vision model's evidence (second.py), extracted when
+``settings.variants`` holds them (null: when ``settings.vision`` / ``sam`` can serve them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import torch.nn.functional as F
 
 from methods.base import ClassSet, Evidence, OvssError, Segmenter, check_image
 from methods.clipseg.backbone import TEMPLATES, load_clip, name_embeddings, tiny_model_name
+from methods.clipseg.decoding import ClipSegDecode
+from methods.clipseg.evidence import clip_evidence
 from methods.clipseg.head import (
     HEAD_VERSION,
     decode_head,
@@ -45,22 +49,35 @@ from methods.clipseg.head import (
     frozen_linear,
     same_head,
 )
-from methods.clipseg.labels import labels_from_probs, names_to_classes, upsample
-from methods.clipseg.protocols import PROFILE_KEYS, apply_protocol, class_prompts
+from methods.clipseg.protocols import (
+    PROFILE_KEYS,
+    apply_protocol,
+    class_prompts,
+    knob_defaults,
+)
 from methods.clipseg.reach import check_scclip_settings, search_settings
-from methods.clipseg.scclip import FinalAttention, fused_pieces, scclip_evidence
+from methods.clipseg.sam_refine import decode_sam
+from methods.clipseg.scclip import FinalAttention, fused_pieces
+from methods.clipseg.second import (
+    check_plan,
+    check_settings,
+    load_models,
+    sam_head,
+    sam_size,
+    second_evidence,
+    served,
+    settings_models,
+)
+from methods.clipseg.trident import aligned_size
 from methods.clipseg.variants import (
     DSI_TERMS,
+    SECOND,
     VARIANTS,
-    check_params,
     check_variants,
     stored_tensors,
-    window_cosines,
-    window_tensors,
 )
-from methods.clipseg.vit import window_pass
 from methods.clipseg.windows import (
-    mosaic,
+    WindowGrid,
     resize_image,
     resized_size,
     separable_upsampling,
@@ -68,30 +85,30 @@ from methods.clipseg.windows import (
     window_grid,
 )
 from methods.deferred import Deferred
-from methods.pamr import pamr, parse_dilations
 
 __all__ = ["VARIANTS", "ClipSegSegmenter"]
 SETTINGS: dict[str, Any] = {
     "seed": 0, "protocol": "cra", "dataset": None, "templates": "imagenet80",
     "evidence_dtype": "float16", "chunk": 16, "variants": None, "scclip_layers": None,
     "lof_neighbors": 30, "lof_contamination": 0.05, **{k: None for k in PROFILE_KEYS},
+    "vision": [], "vision_models": {}, "sam": None,
 }
 #: Settings that change extract's output (the rest only change decode).
 EXTRACT_SETTINGS = ("short_side", "window", "stride", "templates", "evidence_dtype", "names",
                     "dataset", "background", "variants", "scclip_layers", "lof_neighbors",
-                    "lof_contamination")
+                    "lof_contamination", "pad_to", "align", "sam_split", "vision", "sam")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 VERSION = 3
 
 
-class ClipSegSegmenter(Segmenter):
+class ClipSegSegmenter(ClipSegDecode, Segmenter):
     """CLIP CRA + DSI (Liu et al., AAAI 2025) on an open_clip ViT."""
 
     method = "clipseg"
 
     def __init__(self, model: torch.nn.Module | Deferred, model_name: str,
                  backbone: Mapping[str, Any], settings: Mapping[str, Any], device: str = "cpu",
-                 head: Evidence | None = None):
+                 head: Evidence | None = None, vision: Mapping[str, Any] | None = None):
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise OvssError(f"clipseg: unknown setting(s) {sorted(unknown)}; "
@@ -101,8 +118,13 @@ class ClipSegSegmenter(Segmenter):
             raise OvssError(f"clipseg: evidence_dtype must be one of {sorted(DTYPES)}")
         if self.settings["templates"] not in TEMPLATES:
             raise OvssError(f"clipseg: templates must be one of {sorted(TEMPLATES)}")
-        self.variants = check_variants(self.settings["variants"])
+        check_settings(self.settings)
+        self.variants = check_variants(self.settings["variants"], served(self.settings))
+        check_settings(self.settings, self.variants)
         self.model_name, self.device = model_name, device
+        # name -> second vision model (vfm.VisionModel, or a Deferred builder: extract only)
+        self._vision = dict(vision) if vision is not None else load_models(
+            self.settings, device, deferred=True)
         self.backbone = {k: backbone[k] for k in ("name", "model", "pretrained", "path", "tiny")
                          if k in backbone}
         # model: the open_clip model, or (from_decode_state) a Deferred builder called on first
@@ -111,7 +133,7 @@ class ClipSegSegmenter(Segmenter):
         if head is None:
             if isinstance(model, Deferred):
                 raise ValueError("clipseg: a deferred model needs its decode head")
-            head = decode_head(model, model_name)
+            head = self.full_head(model, model_name)
         self._adopt_head(head)
         self._text: dict[tuple, torch.Tensor] = {}
 
@@ -153,7 +175,8 @@ class ClipSegSegmenter(Segmenter):
     def from_spec(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
                   device: str = "cpu") -> ClipSegSegmenter:
         model, name = load_clip(backbone, int(settings.get("seed", 0)), device)
-        return cls(model, name, backbone, settings, device)
+        vision = load_models(apply_protocol({**SETTINGS, **settings}), device)
+        return cls(model, name, backbone, settings, device, vision=vision)
 
     @classmethod
     def from_decode_state(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
@@ -170,22 +193,51 @@ class ClipSegSegmenter(Segmenter):
                    device, head=state)
 
     def decode_state(self) -> Evidence:
-        """The decode head: everything decode reads from the model (see :func:`decode_head`)."""
+        """The decode head: everything decode reads from the model (see :func:`decode_head`;
+        with ``settings.sam`` also SAM's share, :func:`second.sam_head`)."""
         return self._head
+
+    def full_head(self, model: torch.nn.Module, name: str) -> Evidence:
+        head = decode_head(model, name)
+        if self.settings["sam"]:
+            head = head.merged(sam_head(self.vision(str(self.settings["sam"])).module,
+                                        sam_size(self.settings)))
+        return head
+
+    def vision(self, name: str) -> Any:
+        """The second vision model ``name`` (built on first use)."""
+        if isinstance(self._vision[name], Deferred):
+            self._vision[name] = self._vision[name].build()
+        return self._vision[name]
+
+    def refine_sam(self) -> torch.nn.Module:
+        """SAM's prompt encoder and mask decoder from the decode head (Trident's refinement)."""
+        if getattr(self, "_refine_sam", None) is None:
+            self._refine_sam = decode_sam(self._head)
+        return self._refine_sam
+
+    @classmethod
+    def knob_defaults(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The protocol's trial-0 knob values (protocols.KNOBS) and the first vision model."""
+        return knob_defaults(apply_protocol({**SETTINGS, **settings}))
+
 
     @classmethod
     def search_settings(cls, backbone: Mapping[str, Any], settings: Mapping[str, Any],
                         defaults: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]]
                         ) -> dict[str, Any]:
-        """The variants and SC-CLIP layers a search over ``space`` can reach (reach.py)."""
-        return search_settings(backbone, settings, defaults, space)
+        """The variants and SC-CLIP layers a search over ``space`` can reach (reach.py), and
+        what the second vision models cannot do with these settings (second.check_plan)."""
+        out = search_settings(backbone, settings, defaults, space)
+        check_plan(backbone, apply_protocol({**SETTINGS, **out}), defaults, space)
+        return out
 
     @property
     def model(self) -> torch.nn.Module:
         """The open_clip model, built on first use; it must match the decode head."""
         if isinstance(self._model, Deferred):
             model, name = self._model.build()
-            if not same_head(decode_head(model, name), self._head):
+            if not same_head(self.full_head(model, name), self._head):
                 raise OvssError(f"clipseg: the cached decode head does not match the weights "
                                 f"of {name} (clear the evidence cache)")
             self._model = model
@@ -209,6 +261,7 @@ class ClipSegSegmenter(Segmenter):
 
     def settings_key(self) -> dict[str, Any]:
         key = {k: self.settings[k] for k in EXTRACT_SETTINGS}
+        key["vision_models"] = settings_models(self.settings)
         if "tiny" in self.backbone:
             key["seed"] = self.settings["seed"]
         return {"method": self.method, "version": VERSION, "backbone": self.backbone, **key}
@@ -254,8 +307,17 @@ class ClipSegSegmenter(Segmenter):
         return (img.permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 -> normalised 3 x H' x W' float32 (short side resized)."""
-        return self.normalise(self.resized(image))
+        """HxWx3 uint8 -> normalised 3 x H' x W' float32 (short side resized; with ``align``
+        resized again to multiples of it, at least the window: Trident)."""
+        small = self.resized(image)
+        pixels = self.normalise(small)
+        if self.settings["align"]:
+            size = small.shape[:2]
+            new = aligned_size(*size, int(self.settings["align"]), int(self.settings["window"]))
+            if new != size:
+                pixels = F.interpolate(pixels[None], size=new, mode="bilinear",
+                                       align_corners=False)[0]
+        return pixels
 
     def geometry(self, size: tuple[int, int]) -> tuple[int, int]:
         """(window, stride) in px for a resized image; window 0 = the whole image."""
@@ -264,6 +326,9 @@ class ClipSegSegmenter(Segmenter):
             return max(size), max(size)
         return window, stride
 
+    def window_grid(self, size: tuple[int, int]) -> WindowGrid:
+        return window_grid(size, *self.geometry(size), self.patch, self.settings["pad_to"])
+
     def features(self, z: torch.Tensor) -> torch.Tensor:
         """Block output rows (... x D) -> unit-norm dense features (... x E) float32."""
         return F.normalize(self.ln_post(z.float().cpu()) @ self.proj, dim=-1)
@@ -271,116 +336,39 @@ class ClipSegSegmenter(Segmenter):
     @torch.no_grad()
     def extract(self, image: np.ndarray, classes: ClassSet,
                 present: Sequence[int] | None = None) -> Evidence:
-        """One ViT pass per window; ``present`` is not used (no presence rule in this method)."""
+        """One ViT pass per window (and the second vision models' passes); ``present`` is not
+        used (no presence rule in this method)."""
         image = check_image(image)
         names, owner = self.class_names(classes)
         text = self.text_embeddings(names)
-        small = self.resized(image)
-        pixels = self.normalise(small)
-        size = tuple(pixels.shape[1:])
-        grid = window_grid(size, *self.geometry(size), self.patch)
+        pixels = self.preprocess(image)
+        grid = self.window_grid(tuple(pixels.shape[1:]))
         windows = window_batch(pixels, grid)
         dtype = DTYPES[self.settings["evidence_dtype"]]
-        final = self.visual.transformer.resblocks[-1]
         keep = stored_tensors(self.variants)
         scclip = "scclip" in self.variants
-        parts: dict[str, list[torch.Tensor]] = {}
-        chunk = max(1, int(self.settings["chunk"]))
-        for i in range(0, len(windows), chunk):
-            ev = window_pass(self.visual, windows[i:i + chunk].to(self.device), DSI_TERMS,
-                             keep_stream=scclip)
-            out = window_tensors(ev, final, lambda z: self.features(z) @ text.T, keep)
-            if scclip:
-                out.update(scclip_evidence(ev.stream, (grid.gh, grid.gw), self.scclip_layers,
-                                           int(self.settings["lof_neighbors"]),
-                                           float(self.settings["lof_contamination"])))
-            for key, t in out.items():
-                parts.setdefault(key, []).append(t.to(torch.uint8 if key == "sc_flags"
-                                                      else dtype).cpu())
-        rows, cols = separable_upsampling(grid, image.shape[:2])
-        batch_dim = {"key_gram": 1, "values": 1, "fixed_cos": 1, "sc_gram_pre": 1,
-                     "sc_gram_post": 1, "sc_fuse": 1}
-        tensors = {k: torch.cat(v, batch_dim.get(k, 0)).contiguous() for k, v in parts.items()}
-        tensors.update({"rows": rows, "cols": cols, "text": text.clone(),
-                        "image": torch.from_numpy(np.ascontiguousarray(small))})
+        second = bool(set(self.variants) & set(SECOND))
+        tensors, v_last = {}, None
+        if keep or scclip:
+            tensors, v_last = clip_evidence(self, windows, grid, text, dtype, keep, scclip,
+                                            second)
         meta = {"background": classes.background, "bg_mode": self.background_mode(classes),
                 "num_classes": len(classes.names), "name_class": owner,
                 "image_size": list(image.shape[:2]),
                 "grid": [len(grid.ys), len(grid.xs), grid.gh, grid.gw],
                 "tokens": 1 + grid.gh * grid.gw, "layers": self.num_layers,
                 "variants": list(self.variants)}
+        if second:
+            models = {n: self.vision(n) for n in self._vision}
+            extra, extra_meta = second_evidence(self, models, image, windows, grid, v_last,
+                                                dtype)
+            tensors.update(extra)
+            meta.update(extra_meta)
+        rows, cols = separable_upsampling(grid, image.shape[:2])
+        tensors.update({"rows": rows, "cols": cols, "text": text.clone(),
+                        "image": torch.from_numpy(np.ascontiguousarray(self.resized(image)))})
         if scclip:
             meta["sc_layers"] = self.scclip_layers
             meta["sc_pieces"] = [list(p) for p in fused_pieces(
                 tuple(self.scclip_layers["start"]), tuple(self.scclip_layers["end"]))]
         return Evidence(tensors, meta)
-
-    # --- decode --------------------------------------------------------------------------------
-    def check_params(self, params: Mapping[str, Any], layers: int) -> None:
-        check_params(params, layers)
-
-    def window_cosines(self, ev: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """Cosine of every patch with every name: W x P x N float32 (variants.py)."""
-        return window_cosines(self, ev, params)
-
-    def guide_image(self, evidence: Evidence) -> torch.Tensor:
-        """PAMR's image, as NACLIP builds it: the normalised network input resized (bilinear)
-        to the original size. 3 x H x W float32."""
-        pixels = self.normalise(evidence.tensors["image"].numpy())
-        return F.interpolate(pixels[None], size=tuple(evidence.meta["image_size"]),
-                             mode="bilinear", align_corners=False)[0]
-
-    def scaled_logits(self, evidence: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """``logit_scale * cos`` of every name at the original image size: H x N x W
-        float32 (this layout makes both upsampling products plain matrix products)."""
-        meta = evidence.meta
-        self.check_params(params, int(meta["layers"]))
-        scale, steps = float(self.settings["logit_scale"]), int(params["pamr_steps"])
-        cos = self.window_cosines(evidence, params)
-        if steps == 0:
-            x = mosaic(cos * scale, *meta["grid"])                         # N x Agh x Bgw
-            return upsample(x, evidence.tensors["rows"], evidence.tensors["cols"])
-        x = upsample(mosaic(cos, *meta["grid"]), evidence.tensors["rows"],
-                     evidence.tensors["cols"]).permute(1, 0, 2)              # N x H x W
-        x = pamr(self.guide_image(evidence), x, steps, parse_dilations(params["pamr_dilations"]))
-        return x.mul_(scale).permute(1, 0, 2)
-
-    def threshold(self, params: Mapping[str, Any]) -> float:
-        """The background probability threshold: the protocol's ``prob_threshold`` when it
-        fixes one, else the knob ``bg_threshold``."""
-        fixed = self.settings["prob_threshold"]
-        return float(params["bg_threshold"] if fixed is None else fixed)
-
-    @torch.no_grad()
-    def decode_probs(self, evidence: Evidence, params: Mapping[str, Any]) -> torch.Tensor:
-        """Per-class probabilities at the original image size: C x H x W float32 (the
-        predicted classes: all with ``query`` background, else the foreground ones; max over
-        each class's names of the softmax over names)."""
-        probs = torch.softmax(self.scaled_logits(evidence, params), dim=1).permute(1, 0, 2)
-        return names_to_classes(probs, evidence.meta["name_class"])
-
-    @torch.no_grad()
-    def decode(self, evidence: Evidence, params: Mapping[str, Any]) -> np.ndarray:
-        """HxW int64 label map in [0, num_classes).
-
-        ``threshold``: the class of the best name, background (0) where the best class
-        probability is below the threshold; same result as ``probs_to_labels(decode_probs)``
-        without the full softmax (the best probability is ``1 / sum_n exp(l_n - l_max)``).
-        ``query``: class 0 competes through its names; SCLIP's area rule when set.
-        """
-        meta = evidence.meta
-        mode = meta.get("bg_mode", "threshold" if meta["background"] else "none")
-        area = self.settings["area_threshold"]
-        if mode == "query" and area is not None:
-            return labels_from_probs(self.decode_probs(evidence, params), mode,
-                                     self.threshold(params), area)
-        logits = self.scaled_logits(evidence, params)                      # H x N x W
-        best, arg = logits.max(1)
-        label = torch.as_tensor(meta["name_class"], dtype=torch.long)[arg]
-        if mode != "none":
-            # best probability < threshold  <=>  sum_n exp(l_n - l_max) > 1 / threshold
-            mass = logits.sub_(best[:, None]).exp_().sum(1)
-            if mode == "threshold":
-                label = label + 1
-            label = label.masked_fill_(mass * self.threshold(params) > 1.0, 0)
-        return label.numpy().astype(np.int64)

@@ -10,6 +10,9 @@ variant                         evidence it reads (segmenter.py's table) and dec
 ``kk_mid``, ``cra``             ``key_gram`` (layer M), ``values`` / ``value_last``
 ``naclip``                      ``final_keys``, ``value_last``: per-head attention at decode
 ``scclip``                      ``sc_*`` (scclip.py): the final block's attention at decode
+``proxyclip``                   ``proxy.*`` (second.py): proxy.proxy_logits
+``trident``                     ``proxy.*``, ``trident.*``, ``sam.*``: trident.trident_logits
+                                (+ sam_refine.py)
 ==============================  ===========================================================
 """
 
@@ -34,12 +37,16 @@ from methods.clipseg.packing import pack_symmetric, unpack_symmetric
 from methods.clipseg.scclip import scclip_output
 from methods.pamr import parse_dilations
 
-#: CRA paper Table 4 rows, then the family's final blocks (family.py), then SC-CLIP.
-VARIANTS = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip",
-            "scclip")
-#: What extract stores with ``settings.variants`` null: every variant but scclip, whose
-#: evidence (X_0..X_{L-2} sums and Grams) is as large as all the others' together.
-DEFAULT_VARIANTS = VARIANTS[:-1]
+#: CRA paper Table 4 rows, then the family's final blocks (family.py).
+FAMILY = ("qk", "kk_last", "kk_mid", "cra", "clearclip", "sclip", "naclip", "maskclip")
+#: The variants that read CLIP alone: the family, then SC-CLIP.
+CLIP_VARIANTS = (*FAMILY, "scclip")
+#: The variants that read a second vision model (second.py, docs/frontier.md).
+SECOND = ("proxyclip", "trident")
+VARIANTS = (*CLIP_VARIANTS, *SECOND)
+#: What extract stores with ``settings.variants`` null: the family's variants (scclip's evidence,
+#: X_0..X_{L-2} sums and Grams, is as large as all the others' together).
+DEFAULT_VARIANTS = FAMILY
 #: Rows of ``fixed_cos``: qk for dsi_start -1..-4, then the knob-free family blocks.
 FIXED = ("qk-1", "qk-2", "qk-3", "qk-4", "clearclip", "sclip", "maskclip")
 DSI_TERMS = 4
@@ -50,6 +57,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "maskclip": ("fixed_cos",), "kk_last": ("final_keys", "values", "value_last"),
     "kk_mid": ("key_gram", "values", "value_last"), "cra": ("key_gram", "values", "value_last"),
     "naclip": ("final_keys", "value_last"), "scclip": _SCCLIP,
+    "proxyclip": (), "trident": (),     # their own tensors (second.py)
 }
 
 
@@ -58,10 +66,11 @@ def stored_tensors(variants: Collection[str]) -> set[str]:
     return {k for v in variants for k in NEEDS[v]}
 
 
-def check_variants(variants: Any) -> tuple[str, ...]:
-    """``settings.variants``: null (:data:`DEFAULT_VARIANTS`) or a list of known variants."""
+def check_variants(variants: Any, second: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``settings.variants``: null (:data:`DEFAULT_VARIANTS` and ``second``: the second-model
+    variants the settings can serve, second.py) or a list of known variants."""
     if variants is None:
-        return DEFAULT_VARIANTS
+        return (*DEFAULT_VARIANTS, *second)
     if isinstance(variants, str) or not isinstance(variants, (list, tuple)) or not variants:
         raise OvssError(f"clipseg: settings.variants must be null or a non-empty list of "
                         f"{list(VARIANTS)}, got {variants!r}")

@@ -34,6 +34,7 @@ class WindowGrid:
     ys, xs:   top / left offsets (px) of the window rows / columns (A and B of them).
     wh, ww:   window height / width (px); ph, pw: padded to a patch multiple.
     gh, gw:   patch grid of one window.
+    top, left: zero padding above / left of the window (px; ``pad_to`` only).
     """
 
     size: tuple[int, int]
@@ -45,6 +46,8 @@ class WindowGrid:
     pw: int
     gh: int
     gw: int
+    top: int = 0
+    left: int = 0
 
     @property
     def count(self) -> int:
@@ -71,21 +74,29 @@ def _offsets(n: int, window: int, stride: int) -> tuple[tuple[int, ...], int]:
     return offs, win
 
 
-def window_grid(size: tuple[int, int], window: int, stride: int, patch: int) -> WindowGrid:
-    """The sliding-window layout of a resized image of ``size`` = (H', W')."""
+def window_grid(size: tuple[int, int], window: int, stride: int, patch: int,
+                pad_to: int | None = None) -> WindowGrid:
+    """The sliding-window layout of a resized image of ``size`` = (H', W'); ``pad_to``: pad
+    each window centred to a multiple of it (ProxyCLIP ``compute_padsize(H, W, 56)``)."""
     ys, wh = _offsets(size[0], window, stride)
     xs, ww = _offsets(size[1], window, stride)
+    if pad_to:
+        ph, pw = -(-wh // pad_to) * pad_to, -(-ww // pad_to) * pad_to
+        return WindowGrid(size, ys, xs, wh, ww, ph, pw, ph // patch, pw // patch,
+                          (ph - wh) // 2, (pw - ww) // 2)
     ph, pw = -(-wh // patch) * patch, -(-ww // patch) * patch
     return WindowGrid(size, ys, xs, wh, ww, ph, pw, ph // patch, pw // patch)
 
 
 def window_batch(pixels: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     """Cut the normalised image 3 x H' x W' into the windows: (A B) x 3 x ph x pw, row-major,
-    zero-padded at the bottom/right to the patch multiple."""
+    zero-padded to the padded size (``grid.top`` / ``grid.left`` above / left, the rest below /
+    right)."""
     crops = [pixels[:, y:y + grid.wh, x:x + grid.ww] for y in grid.ys for x in grid.xs]
     out = torch.stack(crops)
     if (grid.ph, grid.pw) != (grid.wh, grid.ww):
-        out = F.pad(out, (0, grid.pw - grid.ww, 0, grid.ph - grid.wh))
+        out = F.pad(out, (grid.left, grid.pw - grid.ww - grid.left,
+                          grid.top, grid.ph - grid.wh - grid.top))
     return out
 
 
@@ -97,8 +108,8 @@ def linear_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
 
 
 def _axis_operator(offs: tuple[int, ...], win: int, padded: int, g: int, n_resized: int,
-                   n_out: int) -> torch.Tensor:
-    up = linear_resize_matrix(g, padded)[:win]                         # win x g
+                   n_out: int, before: int = 0) -> torch.Tensor:
+    up = linear_resize_matrix(g, padded)[before:before + win]          # win x g
     place = torch.zeros(n_resized, len(offs) * g)
     for a, o in enumerate(offs):
         place[o:o + win, a * g:(a + 1) * g] += up
@@ -108,12 +119,15 @@ def _axis_operator(offs: tuple[int, ...], win: int, padded: int, g: int, n_resiz
     return linear_resize_matrix(n_resized, n_out) @ (place / count[:, None])
 
 
-def separable_upsampling(grid: WindowGrid, out_size: tuple[int, int]
+def separable_upsampling(grid: WindowGrid, out_size: tuple[int, int],
+                         cells: tuple[int, int] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lr (H x A gh) and Lc (W x B gw), float32, such that the family's window upsampling,
-    overlap averaging and final resize of a mosaic X (A gh x B gw) is ``Lr @ X @ Lc^T``."""
-    lr = _axis_operator(grid.ys, grid.wh, grid.ph, grid.gh, grid.size[0], out_size[0])
-    lc = _axis_operator(grid.xs, grid.ww, grid.pw, grid.gw, grid.size[1], out_size[1])
+    overlap averaging and final resize of a mosaic X (A gh x B gw) is ``Lr @ X @ Lc^T``.
+    ``cells``: a window's logit grid when it is not CLIP's (ProxyCLIP: the vision model's)."""
+    gh, gw = cells or (grid.gh, grid.gw)
+    lr = _axis_operator(grid.ys, grid.wh, grid.ph, gh, grid.size[0], out_size[0], grid.top)
+    lc = _axis_operator(grid.xs, grid.ww, grid.pw, gw, grid.size[1], out_size[1], grid.left)
     return lr, lc
 
 

@@ -300,12 +300,21 @@ def weights_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
       (default main) and the commit the local HF cache resolves it to;
     - an open_clip ``model`` + ``pretrained`` tag (also ``presence_model`` +
       ``presence_pretrained``): the tag and the commit of its hub repo in the HF cache.
+    - clipseg's second vision models: the identity of each ``vision_models`` entry that
+      ``vision`` or ``sam`` names (each entry is a spec of its own: a hub id or a path).
     ``tiny`` backbones (random weights from a seed) have no files: {}.
     """
     out: dict[str, Any] = {}
     for field in _PATH_FIELDS:
         if spec.get(field):
             out[field] = _path_identity(spec[field])
+    models = spec.get("vision_models")
+    if isinstance(models, Mapping):
+        names = [*(spec.get("vision") or []), *([spec["sam"]] if spec.get("sam") else [])]
+        ids = {str(n): weights_identity(models[n]) for n in names
+               if isinstance(models.get(n), Mapping)}
+        if ids:
+            out["vision_models"] = ids
     if spec.get("tiny") is not None:
         return out
     model, revision = spec.get("model"), spec.get("revision")

@@ -61,9 +61,17 @@ def resolve(
     defaults = {**spec.defaults, **bb.defaults, **(preset.defaults if preset else {})}
     space = {**spec.space, **bb.space}
     loading = bb.loading_fields(name)
+    if preset is not None and preset.space:      # a preset's space is what it searches
+        space = dict(preset.space)
     all_overrides = {**(preset.set if preset else {}), **(overrides or {})}
     for key, value in all_overrides.items():
         _apply_override(spec, key, value, settings, defaults, space, loading)
+    # precedence of trial 0: --set / a preset's set, then a preset's defaults, then the method's
+    # settings-dependent values (a protocol's per data set), then the YAML's
+    fixed = {k for k in all_overrides if k in defaults} | set(preset.defaults if preset else {})
+    for k, v in _knob_defaults(spec.method, settings).items():
+        if k in defaults and k not in fixed:
+            defaults[k] = v
     # The paper defaults are trial 0: in the shipped YAML they must lie in the space; a space the
     # user narrowed with --set may exclude one, and trial 0 then takes the nearest value.
     for k, p in space.items():
@@ -75,6 +83,17 @@ def resolve(
         defaults[k] = _nearest(p, defaults[k])
     return ResolvedMethod(method=spec.method, backbone_name=name, backbone=loading,
                           settings=settings, defaults=defaults, space=space)
+
+
+def _knob_defaults(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's settings-dependent trial-0 knob values (``Segmenter.knob_defaults``)."""
+    from methods import get_segmenter_class
+
+    try:
+        cls = get_segmenter_class(method)
+    except OvssError:          # a spec without a method package (config tests)
+        return {}
+    return dict(cls.knob_defaults(settings))
 
 
 def resolve_proxy(spec: MethodSpec, resolved: ResolvedMethod,

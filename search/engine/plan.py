@@ -82,7 +82,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
         proxy = cfg.resolve_proxy(spec, resolved, preset)
 
     root = args.data_root
-    if root is None and args.preset == "smoke":   # only smoke brings its own data
+    if root is None and (args.preset or "").startswith("smoke"):   # smoke* bring their data
         from search.data import dataset_layout
         from search.data.synthetic import make_dataset
 
