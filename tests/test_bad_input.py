@@ -111,6 +111,63 @@ CASES.flags("unknown-tracking-scheme", "--tracking-uri", "bogus://x/y", names=("
 CASES.flags("resume-never-ran", "--resume", "--name", "never-ran",
             names=("--resume", "'never-ran'"))
 
+# --- cost-aware search: objectives, budget, patience, warm start (docs/cost.md) ----------------
+CASES.flags("objectives-unknown", "--objectives", "miou,latency",
+            names=("--objectives miou,latency", "'latency'"))
+CASES.flags("objectives-no-reward", "--objectives", "seconds", names=("--objectives seconds",
+                                                                      "one reward"))
+CASES.flags("objectives-against-reward", "--reward", "miou", "--objectives", "clip,seconds",
+            names=("--objectives clip,seconds", "--reward is miou"))
+CASES.flags("budget-zero", "--max-seconds-per-image", "0",
+            names=("--max-seconds-per-image 0", "positive number"))
+CASES.flags("budget-negative", "--max-seconds-per-image", "-0.5",
+            names=("--max-seconds-per-image -0.5", "positive number"))
+CASES.flags("budget-not-a-number", "--max-seconds-per-image", "fast",
+            names=("--max-seconds-per-image 'fast'", "positive number"))
+CASES.flags("budget-nan", "--max-seconds-per-image", "nan",
+            names=("--max-seconds-per-image nan", "positive number"))
+CASES.flags("patience-0", "--patience", "0", names=("--patience 0",))
+CASES.flags("patience-margin-negative", "--patience", "3", "--patience-margin", "-1",
+            names=("--patience-margin -1",))
+CASES.flags("warm-start-without-store", "--warm-start", "abc",
+            names=("--warm-start", "no MLflow store"))
+
+
+def _earlier_search(w, method: str) -> tuple[str, str]:
+    """A store (beside the working directory's) holding one finished search run of
+    ``method``: (its tracking URI, the run id)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{w.dir / 'earlier' / 'mlflow.db'}"
+    (w.dir / "earlier").mkdir()
+    client = MlflowClient(uri)
+    exp = client.create_experiment(f"{method}/tiny/voc21",
+                                   artifact_location=str(w.dir / "earlier" / "mlruns"))
+    run = client.create_run(exp, tags={"ovss_role": "search", "ovss_method": method})
+    client.set_terminated(run.info.run_id)
+    return uri, run.info.run_id
+
+
+@CASES.case("warm-start-of-another-method")
+def _(w):
+    uri, run = _earlier_search(w, "pnp")
+    return w.toy("--warm-start", run, "--tracking-uri", uri), (f"--warm-start {run}",
+                                                               "method pnp, not toy")
+
+
+@CASES.case("warm-start-unknown-run")
+def _(w):
+    uri, _ = _earlier_search(w, "toy")
+    return w.toy("--warm-start", "deadbeef", "--tracking-uri", uri), ("--warm-start deadbeef",
+                                                                      "no MLflow run")
+
+
+@CASES.case("warm-start-search-without-trials")
+def _(w):
+    uri, run = _earlier_search(w, "toy")
+    return w.toy("--warm-start", run, "--tracking-uri", uri), (f"--warm-start {run}",
+                                                               "no trial scored")
+
 
 @CASES.case("unknown-method")
 def _(w):

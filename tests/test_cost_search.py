@@ -214,16 +214,22 @@ def test_warm_start_then_patience_stops(record, front_search, capsys):
     assert "dropped pool (not searched here)" in line
     if any(float(dict(k)["thr"]) > 0.1 for k, s in before.items() if s in top):
         assert "clipped thr" in line
+    # This search measured no cost: search.export has no front to pick from.
+    assert export_main(["--method", "toycost", "--backbone", "other", "--tracking-uri",
+                        record.uri, "--out", str(record.root / "y.yaml"), "--pick",
+                        "fastest-within=0.01"]) == 2
+    assert "has no Pareto front" in capsys.readouterr().err
+    assert not (record.root / "y.yaml").exists()
 
 
 def test_a_budget_no_config_meets(record, front_search, capsys):
-    rc, out, err = record.search(capsys, "--max-seconds-per-image", "0.001", "--set",
-                                 "settings.extract_delay=0.01", "--num-samples", "2",
-                                 "--name", "nobudget")
+    # A microsecond: no config's extract + extend + decode of an image takes less.
+    rc, out, err = record.search(capsys, "--max-seconds-per-image", "0.000001",
+                                 "--num-samples", "2", "--name", "nobudget")
     assert rc == 2
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in err
-    assert errors[0].startswith("error: no config meets --max-seconds-per-image 0.001: the "
+    assert errors[0].startswith("error: no config meets --max-seconds-per-image 1e-06: the "
                                 "cheapest config found, trial ")
     assert "s per image" in errors[0] and "'work'" in errors[0]
     parent = record.parent("nobudget")
