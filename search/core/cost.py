@@ -58,7 +58,9 @@ def device_kind(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{device.split(':')[0]}:{model or platform.processor() or platform.machine()} " \
+    base = device.split(":")[0]
+    base = "cpu" if base == "cuda" else base     # CUDA asked for, none usable: the CPU runs it
+    return f"{base}:{model or platform.processor() or platform.machine()} " \
            f"x{torch.get_num_threads()}"
 
 

@@ -327,6 +327,7 @@ def _probe(ctx: SearchContext, stage: str, knobs: Mapping[str, Any],
     worker's device, over :func:`probe_items`."""
     from search.core.cost import cost_conf, cost_key, device_kind, measured, time_calls
 
+    ctx = on_worker_device(ctx)      # a GPU torch cannot use: the worker times the CPU
     items = probe_items(ctx)
     kind = device_kind(ctx.device)
     key = cost_key(stage, ctx.method, ctx.settings_key,

@@ -203,16 +203,39 @@ def after_tuning(client, parent_id: str, plan, results, callback) -> None:
         check_budget(client, parent_id, plan, rows, callback)
 
 
+def front_text(plan, rows, callback) -> str:
+    """The front as the command line prints it: a Markdown table, fastest first."""
+    table = front_table(plan, rows, callback)
+    if not table:
+        return ""
+    reward = plan.reward["name"]
+
+    def cell(k: str, v: Any) -> str:
+        if k == reward:
+            return f"{v:.4f}"
+        if k == "seconds_per_image":
+            return f"{v:.4g}"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cols = [k for k in table[0] if k != "run_id"]
+    lines = [f"Pareto front ({len(table)} of {len(full_rows(rows))} trials scored on every "
+             f"image; {reward} up, seconds per image down):",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in cols) + " |" for r in table]
+    return "\n".join(lines)
+
+
 def summary(plan, best: Mapping[str, Any], rows, callback) -> str:
-    """The best config and the fastest within ``--fastest-within`` of it (cost-aware searches),
-    one line each."""
+    """The best config and the fastest within ``--fastest-within`` of it (cost-aware searches:
+    after the front's table), one line each."""
     from search.core.front import fastest_within
 
     reward, cost = plan.reward["name"], plan.cost
     if best.get("seconds") is None:
         return f"best {reward}={best['score']:.4f} with {best['params']}"
     n = callback.numbers.get(best["trial_id"], "?")
-    lines = [f"best {reward}={best['score']:.4f} at {best['seconds']:.4g} s/image "
+    lines = [front_text(plan, rows, callback),
+             f"best {reward}={best['score']:.4f} at {best['seconds']:.4g} s/image "
              f"(trial {n}) with {best['params']}"
              + (f" (within --max-seconds-per-image {cost.budget:g})" if cost.budget else "")]
     fast = fastest_within(full_rows(rows), cost.fastest_within, cost.budget)
