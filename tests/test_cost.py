@@ -79,7 +79,7 @@ def test_cost_cache_entries_are_checksummed(tmp_path):
 
     def measure():
         calls.append(1)
-        return [0.3, 0.1, 0.2]
+        return [0.5, 0.1, 0.2]          # median 0.2 (the mean would be 0.27)
 
     first = C.measured(tmp_path, key, measure, "cpu:x")
     assert first["seconds"] == 0.2 and not first["cached"]

@@ -184,3 +184,36 @@ def test_front_csv_round_trip():
     assert back == [{"score": 0.123456789012345, "seconds": 0.0123456789,
                      "params": {"temp": 0.06824078427098834, "pool": 2, "mode": 3},
                      "run_id": "r4", "trial": "4"}]
+
+
+def test_the_best_config_is_the_best_within_the_budget():
+    """search.engine.outputs.best_config (what best_config.yaml, the model and search.export
+    get) on Tune-like results: the best score within the budget, not the best score."""
+    from types import SimpleNamespace
+
+    from methods.spec import FloatParam
+    from search.core.front import COST_METRIC
+    from search.engine.outputs import best_config
+
+    def result(i, score, seconds, images=4):
+        return SimpleNamespace(error=None, config={"temp": 0.1 * (i + 1)},
+                               metrics={"score": score, "images": images, COST_METRIC: seconds,
+                                        "trial_id": f"t{i}"})
+
+    results = [result(0, 0.9, 0.8), result(1, 0.7, 0.3), result(2, 0.8, 0.35),
+               result(3, 0.95, 0.1, images=2)]          # pruned: never the best
+    plan = SimpleNamespace(
+        resolved=SimpleNamespace(method="toy", backbone_name="tiny", backbone={"name": "tiny"},
+                                 settings={}, defaults={"temp": 0.1},
+                                 space={"temp": FloatParam(type="float", low=0.01, high=1.0)}),
+        dataset_name="voc21", classes=SimpleNamespace(to_dict=lambda: {}),
+        reward={"name": "miou"}, tracking_uri="sqlite:///x.db",
+        cost=SimpleNamespace(budget=0.4, device_kind="cpu:test"))
+    callback = SimpleNamespace(runs={f"t{i}": f"run{i}" for i in range(4)})
+    config, best, rows = best_config(plan, results, "parent", callback)
+    assert best["trial_id"] == "t2" and config["params"]["temp"] == pytest.approx(0.3)
+    assert config["cost"] == {"seconds_per_image": 0.35, "device_kind": "cpu:test",
+                              "budget": 0.4}
+    assert config["provenance"]["trial_run_id"] == "run2" and len(rows) == 4
+    plan.cost.budget = None
+    assert best_config(plan, results, "parent", callback)[1]["trial_id"] == "t0"

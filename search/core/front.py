@@ -106,11 +106,12 @@ def best_point(points: Sequence[Mapping[str, Any]], budget: float | None = None
 def fastest_within(points: Sequence[Mapping[str, Any]], delta: float,
                    budget: float | None = None) -> Mapping[str, Any] | None:
     """The fastest feasible point whose score is within ``delta`` of the best feasible one
-    (ties: the higher score). None when no point is feasible."""
+    (ties: the higher score). None when no point is feasible. (A point no slower than the
+    feasible best is feasible itself, so only the best needs the budget.)"""
     best = best_point(points, budget)
     if best is None:
         return None
-    near = [p for p in points if feasible(p, budget) and p.get("seconds") is not None
+    near = [p for p in points if p.get("seconds") is not None
             and float(p["score"]) >= float(best["score"]) - delta]
     return min(near, key=lambda p: (float(p["seconds"]), -float(p["score"])), default=best)
 
