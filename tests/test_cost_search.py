@@ -141,7 +141,12 @@ def test_front_tags_table_plot_importances(record, front_search):
         assert cm["cost/decode_s"] >= STEP * int(p["params"]["work"])
         assert p["seconds"] == pytest.approx(cm["cost/extract_s"] + cm["cost/extend_s"]
                                              + cm["cost/decode_s"])
-    assert "best miou=" in front_search and "fastest within 0.01 miou of it" in front_search
+    # The summary: the front's table, the best config within the budget, the fastest near it.
+    assert "Pareto front (" in front_search and "| trial | mIoU (%) | seconds_per_image |" \
+        in front_search
+    assert "best mIoU " in front_search and "(within --max-seconds-per-image 0.055)" \
+        in front_search
+    assert "fastest within 1.00 % mIoU of it: " in front_search
 
 
 def test_budget_best_and_export_picks(record, front_search):

@@ -119,6 +119,7 @@ def log_front(client, parent_id: str, plan, rows, callback) -> list[dict[str, An
 def check_budget(client, parent_id: str, plan, rows, callback) -> None:
     """With a budget that no fully scored trial meets: tag the parent run why and raise the
     one-line OvssError naming the cheapest config found (the run then ends FAILED)."""
+    from search.core.console import score_text
     from search.core.front import best_point
 
     budget = plan.cost.budget
@@ -127,9 +128,9 @@ def check_budget(client, parent_id: str, plan, rows, callback) -> None:
     timed = [r for r in rows if r.get("seconds") is not None]
     cheapest = min(timed, key=lambda r: r["seconds"]) if timed else None
     what = (f"the cheapest config found, trial {callback.numbers.get(cheapest['trial_id'], '?')}"
-            f", takes {cheapest['seconds']:.4g} s per image ({plan.reward['name']} "
-            f"{cheapest['score']:.4f}, {cheapest['images']} images) with {cheapest['params']}"
-            if cheapest else "no trial was timed")
+            f", takes {cheapest['seconds']:.4g} s per image "
+            f"({score_text(plan.reward['name'], cheapest['score'])} on {cheapest['images']} "
+            f"images) with {cheapest['params']}" if cheapest else "no trial was timed")
     line = (f"no config meets --max-seconds-per-image {budget:g}: {what}; raise the budget "
             "or search cheaper settings")
     client.set_tag(parent_id, "ovss_stop_reason", f"budget: {line}")
@@ -204,7 +205,10 @@ def after_tuning(client, parent_id: str, plan, results, callback) -> None:
 
 
 def front_text(plan, rows, callback) -> str:
-    """The front as the command line prints it: a Markdown table, fastest first."""
+    """The front as the command line prints it: a Markdown table, fastest first, the score in
+    percent (:mod:`search.core.console`)."""
+    from search.core.console import score_name
+
     table = front_table(plan, rows, callback)
     if not table:
         return ""
@@ -212,38 +216,38 @@ def front_text(plan, rows, callback) -> str:
 
     def cell(k: str, v: Any) -> str:
         if k == reward:
-            return f"{v:.4f}"
-        if k == "seconds_per_image":
-            return f"{v:.4g}"
+            return f"{100 * v:.2f}"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     cols = [k for k in table[0] if k != "run_id"]
+    head = [f"{score_name(reward)} (%)" if k == reward else k for k in cols]
     lines = [f"Pareto front ({len(table)} of {len(full_rows(rows))} trials scored on every "
-             f"image; {reward} up, seconds per image down):",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             f"image; {score_name(reward)} up, seconds per image down):",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(k, r[k]) for k in cols) + " |" for r in table]
     return "\n".join(lines)
 
 
-def summary(plan, best: Mapping[str, Any], rows, callback) -> str:
-    """The best config and the fastest within ``--fastest-within`` of it (cost-aware searches:
-    after the front's table), one line each."""
+def summary(plan, best: Mapping[str, Any], rows, callback) -> list[str]:
+    """The best config, and in a cost-aware search the front's table, the best config's seconds
+    and the fastest config within ``--fastest-within`` of it: the lines the CLI prints."""
+    from search.core.console import percent, score_name, score_text
     from search.core.front import fastest_within
 
-    reward, cost = plan.reward["name"], plan.cost
-    if best.get("seconds") is None:
-        return f"best {reward}={best['score']:.4f} with {best['params']}"
+    reward, cost = plan.reward["name"], getattr(plan, "cost", None)
+    if best.get("seconds") is None or cost is None:
+        return [f"best {score_text(reward, best['score'])} with {best['params']}"]
     n = callback.numbers.get(best["trial_id"], "?")
     lines = [front_text(plan, rows, callback),
-             f"best {reward}={best['score']:.4f} at {best['seconds']:.4g} s/image "
+             f"best {score_text(reward, best['score'])} at {best['seconds']:.4g} s/image "
              f"(trial {n}) with {best['params']}"
              + (f" (within --max-seconds-per-image {cost.budget:g})" if cost.budget else "")]
     fast = fastest_within(full_rows(rows), cost.fastest_within, cost.budget)
     if fast is not None:
         same = fast["trial_id"] == best["trial_id"]
-        lines.append(f"fastest within {cost.fastest_within:g} {reward} of it: "
-                     + ("the best config itself" if same else
-                        f"{reward}={fast['score']:.4f} at {fast['seconds']:.4g} s/image "
-                        f"(trial {callback.numbers.get(fast['trial_id'], '?')}) with "
-                        f"{fast['params']}"))
-    return "\n".join(lines)
+        lines.append(f"fastest within {percent(cost.fastest_within)} {score_name(reward)} of "
+                     "it: " + ("the best config itself" if same else
+                               f"{score_text(reward, fast['score'])} at {fast['seconds']:.4g} "
+                               f"s/image (trial {callback.numbers.get(fast['trial_id'], '?')}) "
+                               f"with {fast['params']}"))
+    return [x for x in lines if x]

@@ -170,7 +170,7 @@ def run_search(plan) -> str:
             # 8. held-out images, description, model
             held = finish_search(client, parent_id, plan, best, ray_done=stop_ray)
         stopped = client.get_run(parent_id).data.tags.get("ovss_stop_reason", "")
-        best_lines = summary(plan, best, results_rows(plan, results), callback).splitlines()
+        best_lines = summary(plan, best, results_rows(plan, results), callback)
         if stopped.startswith("patience"):
             best_lines.append(f"stopped: {stopped}")
         return "\n".join(summary_lines(plan, best_lines, chosen, held, exp_name, exp_id,

@@ -136,14 +136,12 @@ def make_sampler(name: str, seed: int, num_samples: int):
 
 
 def _new_tuner(plan, ctx, callback, trainable):
-    import optuna
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
     from search.core.front import COST_METRIC, Patience
     from search.core.space import optuna_space, trial0
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)   # no "A new study created" banner
     r, args = plan.resolved, plan.args
     cost = getattr(plan, "cost", None)
     budget = cost.budget if cost is not None else None
