@@ -107,3 +107,43 @@ def test_time_calls_warms_up_untimed():
 
     out = C.time_calls([slow_first, slow_first], "cpu", warmup=1)
     assert len(seen) == 3 and max(out) < 0.2
+
+
+def test_pamr_steps_are_in_the_decode_cost(workdir, monkeypatch):
+    """PAMR (main's methods/pamr.py) runs inside clipseg's decode, so a config with PAMR on pays
+    its seconds in ``cost/decode_s`` and in the sum: PAMR is wrapped to sleep a known time on top
+    of its real work, and the timed decode must contain that sleep once per image."""
+    import time
+
+    import methods.clipseg.segmenter as S
+    from search.core.trial import evaluate, extract_item
+    from search.engine.plan import plan_search
+    from search.engine.search import search_context
+    from search.run import build_parser
+
+    pamr_s, real, steps = 0.3, S.pamr, []
+
+    def slow_pamr(guide, x, n, dilations):
+        steps.append(n)
+        time.sleep(pamr_s)
+        return real(guide, x, n, dilations)
+
+    monkeypatch.setattr(S, "pamr", slow_pamr)
+    args = build_parser().parse_args(["--method", "clipseg", "--preset", "smoke",
+                                      "--max-images", "2", "--rungs", "1"])
+    plan = plan_search(args)
+    ctx = search_context(plan, "cpu")
+    for item in ctx.items:
+        extract_item(ctx, item)
+    ctx.cost_extract = {"seconds": 0.0}
+    last = {}
+    for n in (0, 10):
+        reports: list = []
+        evaluate(ctx, {**plan.resolved.defaults, "pamr_steps": n}, reports.append)
+        last[n] = reports[-1]
+    assert steps == [10] * 2                       # PAMR ran only with steps > 0, per image
+    # The sleep bounds the decode with PAMR from below; without PAMR, decode sleeps nothing
+    # (its own seconds vary with the machine's load, so it is compared with the PAMR one).
+    assert pamr_s <= last[10]["cost/decode_s"] and last[0]["cost/decode_s"] < last[10][
+        "cost/decode_s"], last
+    assert last[10]["cost/seconds_per_image"] >= pamr_s + last[10]["cost/extend_s"]
