@@ -56,6 +56,10 @@ def test_best_and_fastest_within_under_a_budget():
     assert F.fastest_within(pts, 0.001) is pts[3]
     assert F.fastest_within(pts, 0.01, budget=0.15) is pts[2]
     assert F.feasible({"seconds": None}, 1.0) is False and F.feasible({"seconds": None}, None)
+    # Two equally fast points within the margin: the higher score (the other is dominated).
+    tie = [{"score": 0.80, "seconds": 0.5}, {"score": 0.78, "seconds": 0.2},
+           {"score": 0.79, "seconds": 0.2}]
+    assert F.fastest_within(tie, 0.05) is tie[2] and F.fastest_within(tie[::-1], 0.05) is tie[2]
 
 
 def test_pick_rules():
