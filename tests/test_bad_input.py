@@ -133,19 +133,34 @@ CASES.flags("warm-start-without-store", "--warm-start", "abc",
             names=("--warm-start", "no MLflow store"))
 
 
+_EARLIER: dict[str, object] = {}
+
+
 def _earlier_search(w, method: str) -> tuple[str, str]:
     """A store (beside the working directory's) holding one finished search run of
-    ``method``: (its tracking URI, the run id)."""
+    ``method`` (pnp or toy): (its tracking URI, the run id). The store is made once for the
+    module (a new sqlite store runs MLflow's migrations: seconds) and copied for each case."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{w.dir / 'earlier' / 'mlflow.db'}"
+    if not _EARLIER:
+        root = Path(tempfile.mkdtemp(prefix="ovss-earlier-"))
+        atexit.register(shutil.rmtree, root, True)
+        client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+        for m in ("pnp", "toy"):
+            exp = client.create_experiment(f"{m}/tiny/voc21",
+                                           artifact_location=str(root / "mlruns"))
+            run = client.create_run(exp, tags={"ovss_role": "search", "ovss_method": m})
+            client.set_terminated(run.info.run_id)
+            _EARLIER[m] = run.info.run_id
+        _EARLIER["db"] = root / "mlflow.db"
     (w.dir / "earlier").mkdir()
-    client = MlflowClient(uri)
-    exp = client.create_experiment(f"{method}/tiny/voc21",
-                                   artifact_location=str(w.dir / "earlier" / "mlruns"))
-    run = client.create_run(exp, tags={"ovss_role": "search", "ovss_method": method})
-    client.set_terminated(run.info.run_id)
-    return uri, run.info.run_id
+    shutil.copyfile(_EARLIER["db"], w.dir / "earlier" / "mlflow.db")
+    return f"sqlite:///{w.dir / 'earlier' / 'mlflow.db'}", str(_EARLIER[method])
 
 
 @CASES.case("warm-start-of-another-method")
