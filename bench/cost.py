@@ -4,12 +4,13 @@ decode median, search/core/trial.py) against a timed ``methods.infer`` run of th
 (``TunedSegmenter(config)(image, classes)``: extract, extend and decode on each image, median).
 
     python bench/cost.py --method clipseg [--configs 4] [--images 6] [--threads 1]
-                         [--device cpu] [--set KEY=VALUE ...]
+                         [--device cpu] [--set KEY=VALUE ...] [--config KNOB=V[,KNOB=V]]
 
 The method's ``smoke`` preset (tiny random-weight backbone of the real model class, generated
 data) in a temporary directory; the paper defaults plus ``--configs`` random configs of the
 search space (seeded). Per config the estimate and the timed inference run back to back, in an
-order that alternates from config to config. ``--threads`` torch threads (1: a Ray worker with
+order that alternates from config to config. ``--config pamr_steps=10`` adds the defaults with
+those knobs changed (repeatable). ``--threads`` torch threads (1: a Ray worker with
 one CPU, what the search's probe and trials get). Prints one row per config and the ratio
 estimate / measured.
 """
@@ -63,13 +64,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--config", action="append", default=[],
+                   help="KNOB=V[,KNOB=V]: the defaults with these knobs, as one more config")
     a = p.parse_args()
 
     import torch
 
     torch.set_num_threads(a.threads)
     from methods.infer import TunedSegmenter
-    from search.core.space import full_params, sample_value
+    from search.core.space import full_params, parse_value, sample_value
     from search.core.trial import extract_item, extraction_cost, get_dataset
     from search.engine.plan import plan_search
     from search.engine.search import search_context
@@ -91,6 +94,11 @@ def main() -> None:
     configs = [dict(r.defaults)] + [
         full_params(r.defaults, {k: sample_value(v, rng) for k, v in r.space.items()})
         for _ in range(a.configs)]
+    for text in a.config:
+        knobs = dict(kv.split("=", 1) for kv in text.split(","))
+        configs.append(full_params(r.defaults, {k: parse_value(v, r.space[k]) if k in r.space
+                                                else type(r.defaults[k])(v)
+                                                for k, v in knobs.items()}))
     data = get_dataset(ctx)
     images = [data.image(it.index) for it in ctx.items]
     classes = ctx.class_set
@@ -111,7 +119,8 @@ def main() -> None:
             meas = measure(tuned, images, classes, params)
         total = est["cost/seconds_per_image"]
         ratios.append(total / meas)
-        name = "paper defaults" if i == 0 else ", ".join(
+        name = "paper defaults" if i == 0 else f"defaults, {a.config[i - 1 - a.configs]}" \
+            if i > a.configs else ", ".join(
             f"{k}={params[k]:.3g}" if isinstance(params[k], float) else f"{k}={params[k]}"
             for k in r.space)
         print(f"| {name} | {est['cost/extract_s']:.4f} | {est['cost/extend_s']:.4f} | "
