@@ -31,13 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.add_argument("--verbose", action="store_true", help="show MLflow's own INFO lines and "
                    "download bars, hidden by default")
+    p.add_argument("--pick", default="best", help="which config: best (the search's best, "
+                   "within its --max-seconds-per-image), fastest-within=D (the fastest config "
+                   "of the Pareto front within D of the best score) or budget=B (the best of the "
+                   "front within B seconds per image); default best")
     args = p.parse_args(argv)
     try:
         from search.core.console import quiet_libraries
 
         quiet_libraries(args.verbose)
         path = export(args.method, args.backbone, args.dataset, args.tracking_uri, args.out,
-                      args.force)
+                      args.force, args.pick)
     except OvssError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,9 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "split after the search instead (all of it, or --holdout N images)")
     p.add_argument("--image-labels", help="JSON {image_id: [class names]} of image-level labels "
                    "(default for --reward clip: DATA_ROOT/image_labels.json)")
-    p.add_argument("--reward", choices=REWARDS, default="miou",
-                   help="objective: miou (dense labels) or clip (label-free CLIP contrastive "
-                        "reward; needs only image-level labels)")
+    p.add_argument("--reward", choices=REWARDS,
+                   help="objective: miou (dense labels, the default) or clip (label-free CLIP "
+                        "contrastive reward; needs only image-level labels)")
+    p.add_argument("--objectives", metavar="LIST", help="miou,seconds or clip,seconds: also "
+                   "minimise the seconds per image of the config's full inference pipeline "
+                   "(a Pareto front; docs/cost.md)")
+    p.add_argument("--max-seconds-per-image", metavar="B", help="deploy budget: configs slower "
+                   "than B seconds per image are infeasible; the best config is the best "
+                   "within it")
+    p.add_argument("--fastest-within", type=float, metavar="D", help="the summary names the "
+                   "fastest config within D of the best score (default 0.01)")
+    p.add_argument("--warm-start", metavar="RUN", help="enqueue the best configs of an earlier "
+                   "search (its parent run id, or models:/NAME/VERSION) after the paper defaults")
+    p.add_argument("--warm-start-top", type=int, metavar="K",
+                   help="how many configs --warm-start enqueues (default 3)")
+    p.add_argument("--patience", type=int, metavar="N", help="stop when N trials in a row "
+                   "bring no improvement beyond --patience-margin")
+    p.add_argument("--patience-margin", type=float, metavar="M", help="the improvement "
+                   "--patience asks for, in score units (default 0.001)")
     p.add_argument("--reward-backbone", help="CLIP backbone of the clip reward "
                    "(conf/rewards/clip.yaml; default: its default_backbone)")
     p.add_argument("--fidelity", action="store_true",
@@ -76,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the libraries' own output (Ray, "
                    "Tune, Optuna, MLflow banners and INFO lines), hidden by default")
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler (default 0)")
-    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
-                   help="Optuna sampler: tpe (default; TPE with constant liar) "
-                   "or random (a baseline; the same seed gives the same trials whatever the "
-                   "concurrency)")
+    p.add_argument("--sampler", choices=["tpe", "random", "nsga2"], default="tpe",
+                   help="Optuna sampler: tpe (default; TPE with constant liar, multi-objective "
+                   "with --objectives), random (a baseline; the same seed gives the same trials "
+                   "whatever the concurrency) or nsga2 (NSGA-II, for long multi-objective "
+                   "searches)")
     p.add_argument("--address", help="Ray cluster address to join (default: start Ray locally)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "sqlite:///./mlflow.db)")

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Registered before anything imports Ray, so the Ray workers inherit them.
 os.environ["OVSS_CONF_PATH"] = str(REPO / "tests" / "conf")
-os.environ["OVSS_METHOD_MODULES"] = "toy=tests.toy_method"
+os.environ["OVSS_METHOD_MODULES"] = "toy=tests.toy_method,toycost=tests.toy_cost_method"
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -136,6 +136,78 @@ CASES.flags("unknown-tracking-scheme", "--tracking-uri", "bogus://x/y", names=("
 CASES.flags("resume-never-ran", "--resume", "--name", "never-ran",
             names=("--resume", "'never-ran'"))
 
+# --- cost-aware search: objectives, budget, patience, warm start (docs/cost.md) ----------------
+CASES.flags("objectives-unknown", "--objectives", "miou,latency",
+            names=("--objectives miou,latency", "'latency'"))
+CASES.flags("objectives-no-reward", "--objectives", "seconds", names=("--objectives seconds",
+                                                                      "one reward"))
+CASES.flags("objectives-against-reward", "--reward", "miou", "--objectives", "clip,seconds",
+            names=("--objectives clip,seconds", "--reward is miou"))
+CASES.flags("budget-zero", "--max-seconds-per-image", "0",
+            names=("--max-seconds-per-image 0", "positive number"))
+CASES.flags("budget-negative", "--max-seconds-per-image", "-0.5",
+            names=("--max-seconds-per-image -0.5", "positive number"))
+CASES.flags("budget-not-a-number", "--max-seconds-per-image", "fast",
+            names=("--max-seconds-per-image 'fast'", "positive number"))
+CASES.flags("budget-nan", "--max-seconds-per-image", "nan",
+            names=("--max-seconds-per-image nan", "positive number"))
+CASES.flags("patience-0", "--patience", "0", names=("--patience 0",))
+CASES.flags("patience-margin-negative", "--patience", "3", "--patience-margin", "-1",
+            names=("--patience-margin -1",))
+CASES.flags("warm-start-without-store", "--warm-start", "abc",
+            names=("--warm-start", "no MLflow store"))
+
+
+_EARLIER: dict[str, object] = {}
+
+
+def _earlier_search(w, method: str) -> tuple[str, str]:
+    """A store (beside the working directory's) holding one finished search run of
+    ``method`` (pnp or toy): (its tracking URI, the run id). The store is made once for the
+    module (a new sqlite store runs MLflow's migrations: seconds) and copied for each case."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    if not _EARLIER:
+        root = Path(tempfile.mkdtemp(prefix="ovss-earlier-"))
+        atexit.register(shutil.rmtree, root, True)
+        client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+        for m in ("pnp", "toy"):
+            exp = client.create_experiment(f"{m}/tiny/voc21",
+                                           artifact_location=str(root / "mlruns"))
+            run = client.create_run(exp, tags={"ovss_role": "search", "ovss_method": m})
+            client.set_terminated(run.info.run_id)
+            _EARLIER[m] = run.info.run_id
+        _EARLIER["db"] = root / "mlflow.db"
+    (w.dir / "earlier").mkdir()
+    shutil.copyfile(_EARLIER["db"], w.dir / "earlier" / "mlflow.db")
+    return f"sqlite:///{w.dir / 'earlier' / 'mlflow.db'}", str(_EARLIER[method])
+
+
+@CASES.case("warm-start-of-another-method")
+def _(w):
+    uri, run = _earlier_search(w, "pnp")
+    return w.toy("--warm-start", run, "--tracking-uri", uri), (f"--warm-start {run}",
+                                                               "method pnp, not toy")
+
+
+@CASES.case("warm-start-unknown-run")
+def _(w):
+    uri, _ = _earlier_search(w, "toy")
+    return w.toy("--warm-start", "deadbeef", "--tracking-uri", uri), ("--warm-start deadbeef",
+                                                                      "no MLflow run")
+
+
+@CASES.case("warm-start-search-without-trials")
+def _(w):
+    uri, run = _earlier_search(w, "toy")
+    return w.toy("--warm-start", run, "--tracking-uri", uri), (f"--warm-start {run}",
+                                                               "no trial scored")
+
 
 @CASES.case("unknown-method")
 def _(w):

@@ -28,8 +28,14 @@ def test_voc_config_tested_on_ade(ray_session, workdir, voc_root, ade_root, caps
     assert rc == 0, out
     print(out)
     lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
-    assert lines[0] == "|  | voc21 | ade20k |"
+    assert lines[0] == "|  | voc21 | ade20k | warm start |"
     rows = {ln.split("|")[1].strip(): [float(x) for x in ln.split("|")[2:4]] for ln in lines[1:]}
+    # Each tuned row names the --warm-start flag of the search it came from (its provenance);
+    # the paper-defaults row has none.
+    warm = {ln.split("|")[1].strip(): ln.split("|")[4].strip() for ln in lines[1:]}
+    assert warm == {"tuned on voc21 (toy/tiny)": "--warm-start abc123",
+                    "tuned on ade20k (toy/tiny)": "--warm-start abc123",
+                    "paper defaults (toy/tiny)": ""}
     assert list(rows) == ["tuned on voc21 (toy/tiny)", "tuned on ade20k (toy/tiny)",
                           "paper defaults (toy/tiny)"]
     for label, params in [("tuned on voc21 (toy/tiny)", TUNED),

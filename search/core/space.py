@@ -61,3 +61,61 @@ def sample_value(p: SpaceParam, rng) -> Any:
     if p.log:
         return int(round(math.exp(rng.uniform(math.log(p.low), math.log(p.high)))))
     return int(p.low + p.step * int(rng.integers((p.high - p.low) // p.step + 1)))
+
+
+def fit_to_space(values: Mapping[str, Any], space: Mapping[str, SpaceParam],
+                 fill: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A config of another search (``values``: typed, or MLflow's string params) as a point of
+    ``space``: knobs the space lacks are dropped, a categorical value not among the choices
+    is dropped, numbers are clipped to ``[low, high]`` and put on the step grid (ints rounded),
+    and knobs the config lacks take ``fill``'s value (the paper defaults). Returns the point and
+    one note per change (``"dropped foo (not searched here)"``, ``"clipped temp 1.5 -> 1.0"``)."""
+    import math
+
+    point: dict[str, Any] = {}
+    notes: list[str] = []
+    for k, v in values.items():
+        p = space.get(k)
+        if p is None:
+            notes.append(f"dropped {k} (not searched here)")
+            continue
+        if isinstance(p, CategoricalParam):
+            match = [c for c in p.choices if c == v or str(c) == str(v)]
+            if not match:
+                notes.append(f"dropped {k}={v} (not one of {list(p.choices)})")
+                continue
+            point[k] = match[0]
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            notes.append(f"dropped {k}={v!r} (not a number)")
+            continue
+        if not math.isfinite(x):
+            notes.append(f"dropped {k}={v} (not finite)")
+            continue
+        y = min(max(x, p.low), p.high)
+        if p.step:      # onto the grid (rounded: low + k * step is not exact in floats)
+            y = round(min(p.low + round((y - p.low) / p.step) * p.step, p.high), 12)
+            y = y if abs(y - x) > 1e-9 else x
+        y = int(round(y)) if isinstance(p, IntParam) else float(y)
+        if y != x:
+            notes.append(f"clipped {k} {v} -> {y} (space [{p.low}, {p.high}]"
+                         + (f", step {p.step})" if p.step else ")"))
+        point[k] = y
+    for k in space:
+        if k not in point:
+            point[k] = fill[k]
+            if not any(n.startswith(f"dropped {k}") for n in notes):
+                notes.append(f"filled {k}={fill[k]} (the config has no {k})")
+    return point, notes
+
+
+def parse_value(text: str, p: SpaceParam) -> Any:
+    """A knob value written as text (a CSV cell, an MLflow param) back in the space's type."""
+    if isinstance(p, CategoricalParam):
+        match = [c for c in p.choices if str(c) == str(text)]
+        if not match:
+            raise ValueError(f"{text!r} is not one of {list(p.choices)}")
+        return match[0]
+    return int(float(text)) if isinstance(p, IntParam) else float(text)

@@ -76,6 +76,9 @@ class SearchContext:
     # method finds them itself, as at inference), "image_labels" or "ground_truth" (the
     # image-level labels; ground truth is an oracle, used only when asked for by name).
     presence_source: str = "model"
+    # Seconds per image of ``extract`` on the extraction device (:func:`extraction_cost`, set by
+    # the engine's cost probe) when the search measures cost; None: it does not.
+    cost_extract: dict[str, Any] | None = None
 
     def extract_present(self, item: ImageItem) -> list[int] | None:
         """The ``present`` argument of extract/extend for ``item``."""
@@ -266,6 +269,8 @@ def evaluate(ctx: SearchContext, params: Mapping[str, Any],
     needs_image = ctx.reward["name"] == "clip"
     done, result = 0, {}
     clock = {"evidence": 0.0, "decode": 0.0, "score": 0.0}   # seconds, this trial so far
+    decodes: list[float] = []        # seconds of each decode call (the cost's decode part)
+    extend = None                    # the extension's cost, measured at the first rung
     for rung, upto in enumerate(ctx.rungs):
         for item in ctx.items[done:upto]:
             t0 = time.perf_counter()
@@ -283,6 +288,7 @@ def evaluate(ctx: SearchContext, params: Mapping[str, Any],
             t3 = time.perf_counter()
             clock["evidence"] += t1 - t0
             clock["decode"] += t2 - t1
+            decodes.append(t2 - t1)
             clock["score"] += t3 - t2
         done = upto
         score = float(acc.value())
@@ -296,10 +302,85 @@ def evaluate(ctx: SearchContext, params: Mapping[str, Any],
                   "worker/max_rss_mb": _max_rss_mb()}
         if fid is not None:
             result["fidelity_miou"] = float(fid.value())
+        if ctx.cost_extract is not None:
+            if extend is None:
+                extend = extension_cost(ctx, seg, knobs)
+            result.update(cost_metrics(ctx.cost_extract["seconds"], extend["seconds"],
+                                       decodes))
         if rung == len(ctx.rungs) - 1:
             result.update({k: float(v) for k, v in acc.details().items()})
         report(result)
     return result
+
+
+def probe_items(ctx: SearchContext) -> list[ImageItem]:
+    """The tuning images a cost measurement times (``conf/cost.yaml: probe.images``)."""
+    from search.core.cost import cost_conf
+
+    return ctx.items[:int(cost_conf()["probe"]["images"])]
+
+
+def _probe(ctx: SearchContext, stage: str, knobs: Mapping[str, Any],
+           make_call: Callable[[ImageItem, np.ndarray], Callable[[], Any]]) -> dict[str, Any]:
+    """The cached (:func:`search.core.cost.measured`) seconds per image of the calls
+    ``make_call(item, image)`` returns (made untimed: image reads, cached evidence), on this
+    worker's device, over :func:`probe_items`."""
+    from search.core.cost import cost_conf, cost_key, device_kind, measured, time_calls
+
+    ctx = on_worker_device(ctx)      # a GPU torch cannot use: the worker times the CPU
+    items = probe_items(ctx)
+    kind = device_kind(ctx.device)
+    key = cost_key(stage, ctx.method, ctx.settings_key,
+                   {"presence_source": ctx.presence_source, **knobs}, kind,
+                   [it.image_hash for it in items])
+
+    def measure() -> list[float]:
+        data = get_dataset(ctx)
+        calls = [make_call(it, data.image(it.index)) for it in items]
+        return time_calls(calls, ctx.device, int(cost_conf()["probe"]["warmup"]))
+
+    return measured(ctx.cache_dir, key, measure, kind)
+
+
+def extraction_cost(ctx: SearchContext) -> dict[str, Any]:
+    """Seconds per image of the method's ``extract`` on ``ctx.device`` (run where extraction
+    runs): ``{"seconds", "samples", "device_kind", "cached"}``."""
+    seg = get_segmenter(ctx)
+    classes = ctx.class_set
+    return _probe(ctx, "extract", {}, lambda it, image: lambda: seg.extract(
+        image, classes, ctx.extract_present(it)))
+
+
+def extension_cost(ctx: SearchContext, seg: Segmenter, knobs: Mapping[str, Any]
+                   ) -> dict[str, Any]:
+    """Seconds per image of ``extend`` for these extraction knobs on ``ctx.device`` (0 for a
+    method without extraction knobs). ``Segmenter.segment`` calls ``extend`` whenever the
+    method has extraction knobs, so it is timed even where the search skips it."""
+    if not ctx.extraction_knobs:
+        return {"seconds": 0.0}
+    sub = {k: knobs[k] for k in ctx.extraction_knobs}
+    classes = ctx.class_set
+
+    def make_call(item: ImageItem, image: np.ndarray) -> Callable[[], Any]:
+        ev = get_cache(ctx).get(ctx.method, ctx.base_key(item))
+        if ev is None:
+            extract_item(ctx, item)
+            ev = get_cache(ctx).get(ctx.method, ctx.base_key(item))
+        return lambda: seg.extend(ev, image, classes, ctx.extract_present(item), sub)
+
+    return _probe(ctx, "extend", sub, make_call)
+
+
+def cost_metrics(extract_s: float, extend_s: float, decodes: Sequence[float]
+                 ) -> dict[str, float]:
+    """A trial's ``cost/*`` results: the parts and their sum, seconds per image (decode: the
+    median of its decode calls so far)."""
+    from search.core.cost import median
+    from search.core.front import COST_METRIC
+
+    decode_s = median(decodes)
+    return {"cost/extract_s": float(extract_s), "cost/extend_s": float(extend_s),
+            "cost/decode_s": decode_s, COST_METRIC: float(extract_s) + float(extend_s) + decode_s}
 
 
 def _max_rss_mb() -> float:

@@ -26,7 +26,8 @@ def best_config(plan, results, parent_id: str, callback, chosen: dict[str, Any] 
     from search.engine.tuning import best_result
 
     r = plan.resolved
-    best, rows = best_result(results, list(r.space))
+    cost = getattr(plan, "cost", None)
+    best, rows = best_result(results, list(r.space), cost.budget if cost is not None else None)
     best = chosen or best
     params = full_params(r.defaults, best["params"])
     best_run = callback.runs.get(best["trial_id"]) if best["trial_id"] else None
@@ -41,6 +42,10 @@ def best_config(plan, results, parent_id: str, callback, chosen: dict[str, Any] 
                        "tracking_uri": plan.tracking_uri, "code_version": code_version(r.method),
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     }
+    if best.get("seconds") is not None:   # a cost-aware search: what the config costs
+        config["cost"] = {"seconds_per_image": best["seconds"],
+                          "device_kind": getattr(cost, "device_kind", None),
+                          "budget": cost.budget if cost is not None else None}
     if chosen is not None:
         config["rerank"] = chosen["record"]
     return config, best, rows

@@ -34,6 +34,7 @@ class Plan:
     rerank_top: int = 0        # K of --rerank-top (0: one stage)
     holdout: Any = None  # search.engine.scoring.EvalData of the held-out images, or None
     holdout_note: str = ""  # which images are held out (printed once the search starts)
+    cost: Any = None   # search.engine.objectives.CostPlan: objectives, budget, patience, warm
 
 
 def plan_search(args: argparse.Namespace) -> Plan:
@@ -43,8 +44,10 @@ def plan_search(args: argparse.Namespace) -> Plan:
     from search.core import config as cfg
     from search.core.trial import read_item
     from search.data import open_dataset
+    from search.engine.objectives import cost_plan, reward_and_objectives
 
     _check_flags(args)
+    _, objectives = reward_and_objectives(args)   # sets args.reward
     spec = load_method_spec(args.method)
     preset = None
     if args.preset:
@@ -120,6 +123,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
                                        else 32)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     name = args.name or f"{args.method}-{resolved.backbone_name}-{dataset}-{args.reward}"
+    cost = cost_plan(args, objectives, resolved, tracking_uri, int(rerank_top or 0))
     work = Path(".ovss")
     plan = Plan(args=args, resolved=resolved, dataset_name=dataset, data_kwargs=data_kwargs,
                 classes=data.classes, items=items, rungs=rungs, reward=reward,
@@ -127,7 +131,7 @@ def plan_search(args: argparse.Namespace) -> Plan:
                 cache_dir=Path(args.cache_dir or work / "cache").resolve(),
                 storage=Path(args.storage or work / "ray_results").resolve(), name=name,
                 proxy=proxy, rerank_top=int(rerank_top or 0), holdout=holdout,
-                holdout_note=holdout_note)
+                holdout_note=holdout_note, cost=cost)
     return plan
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from methods.base import OvssError
-from search.core.console import python_command, score_text
+from search.core.console import python_command
 from search.engine import session
 
 
@@ -53,6 +53,9 @@ def run_search(plan) -> str:
     t0 = time.perf_counter()
     if plan.holdout_note:   # every input accepted: say which images are held out
         print(plan.holdout_note, file=sys.stderr)
+    cost = getattr(plan, "cost", None)
+    if cost is not None and cost.warm is not None:    # what the warm start enqueues
+        print(cost.warm.note, file=sys.stderr)
     started = session.init_ray(args.address)
     phases["ray_start"] = time.perf_counter() - t0
     stopping: list = []     # the thread stopping the Ray this call started, once it is unused
@@ -123,6 +126,9 @@ def run_search(plan) -> str:
                 if search_ctx.device_notes:   # Ray's GPUs that torch could not use
                     client.set_tag(parent_id, "ovss_device_fallback",
                                    " | ".join(search_ctx.device_notes.values()))
+                cost = getattr(plan, "cost", None)
+                if cost is not None and cost.measure:   # 4b. the cost probe
+                    _probe_cost(client, parent_id, plan, search_ctx, resources)
                 session.fault_point("before_tuning")
                 # 5. tuning
                 t0, cpu0 = time.perf_counter(), time.process_time()
@@ -146,6 +152,9 @@ def run_search(plan) -> str:
                     f"in {path.parent}; push them with: "
                     + python_command("-m", "search.sync", "--name", plan.name, "--storage",
                                      str(plan.storage), "--tracking-uri", plan.tracking_uri))
+            from search.engine.pareto import after_tuning, summary
+
+            after_tuning(client, parent_id, plan, results, callback)   # front, budget, stop
             if getattr(plan, "rerank_top", 0):     # 6. re-ranking
                 from search.engine.rerank import rerank
 
@@ -160,7 +169,12 @@ def run_search(plan) -> str:
                 client.set_tag(parent_id, "ovss_orphaned_runs", str(len(callback.orphaned)))
             # 8. held-out images, description, model
             held = finish_search(client, parent_id, plan, best, ray_done=stop_ray)
-        return "\n".join(summary_lines(plan, best, chosen, held, exp_name, exp_id, parent_id))
+        stopped = client.get_run(parent_id).data.tags.get("ovss_stop_reason", "")
+        best_lines = summary(plan, best, results_rows(plan, results), callback)
+        if stopped.startswith("patience"):
+            best_lines.append(f"stopped: {stopped}")
+        return "\n".join(summary_lines(plan, best_lines, chosen, held, exp_name, exp_id,
+                                       parent_id))
     finally:
         if stopping:
             stopping[0].join()
@@ -168,23 +182,46 @@ def run_search(plan) -> str:
             session.shutdown_ray()
 
 
-def summary_lines(plan, best, chosen, held: list[str], exp_name: str, exp_id: str,
-                  parent_id: str) -> list[str]:
+def summary_lines(plan, best_lines: list[str], chosen, held: list[str], exp_name: str,
+                  exp_id: str, parent_id: str) -> list[str]:
     """What the CLI prints at the end of a search (stdout): the best config with its score in
-    percent (:mod:`search.core.console`), the held-out comparison and the model, where the
-    record is, then each next step as a command alone on its line that runs as printed."""
+    percent (:mod:`search.core.console`; ``best_lines``, with a cost-aware search's front and
+    fastest config, :func:`search.engine.pareto.summary`), the held-out comparison and the
+    model, where the record is, then each next step as a command alone on its line that runs as
+    printed."""
     from search.engine.outputs import export_command
     from search.record.tracking import ui_link
 
     url, serve = ui_link(plan.tracking_uri, exp_id)
     lines = [chosen["summary"]] if chosen else []
-    lines += [f"best {score_text(plan.reward['name'], best['score'])} with {best['params']}",
-              *held, f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}",
+    lines += [*best_lines, *held,
+              f"MLflow experiment {exp_name!r} run {parent_id} at {plan.tracking_uri}",
               f"runs table: {url}" + (", served by:" if serve else "")]
     if serve:
         lines.append(f"  {serve}")
     lines += ["export the best config:", "  " + export_command(plan)]
     return lines
+
+
+def results_rows(plan, results) -> list:
+    from search.engine.tuning import best_result
+
+    return best_result(results, list(plan.resolved.space))[1]
+
+
+def _probe_cost(client, parent_id: str, plan, ctx, resources) -> None:
+    """Phase 4b: the seconds per image of ``extract`` on the extraction device, set on the
+    context every trial receives, logged on the parent run."""
+    from search.engine.probe import measure_extraction
+    from search.record import tracking
+
+    got = measure_extraction(ctx, resources["extract_gpus"], resources["extract_cpus"])
+    ctx.cost_extract = {"seconds": got["seconds"], "device_kind": got["device_kind"]}
+    plan.cost.device_kind = got["device_kind"]
+    tracking.log_metrics(client, parent_id, {"cost/extract_s": got["seconds"]}, 0)
+    client.set_tag(parent_id, "ovss_cost_device", got["device_kind"])
+    print(f"cost: extract {got['seconds']:.4g} s per image on {got['device_kind']} "
+          f"({'cached' if got['cached'] else 'measured'})", file=sys.stderr)
 
 
 def resume_target(exp_name: str, plan) -> str | None:
@@ -237,6 +274,16 @@ def search_context(plan, device: str):
     return ctx
 
 
+def _cost_params(plan) -> dict:
+    cost = getattr(plan, "cost", None)
+    if cost is None:
+        return {}
+    out = {"objectives": ",".join(cost.objectives), "max_seconds_per_image": cost.budget,
+           "patience": cost.patience, "patience_margin": cost.margin if cost.patience else None,
+           "warm_start": cost.warm.source if cost.warm is not None else None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _log_plan(client, parent_id: str, plan, ctx) -> None:
     import yaml
 
@@ -249,6 +296,7 @@ def _log_plan(client, parent_id: str, plan, ctx) -> None:
               "sampler": getattr(plan.args, "sampler", "tpe"),
               "gpus_per_trial": plan.args.gpus_per_trial,
               "gpus_per_extract": plan.args.gpus_per_extract,
+              **_cost_params(plan),
               **{f"settings.{k}": v for k, v in r.settings.items()},
               **{f"default.{k}": v for k, v in r.defaults.items()}}
     tracking.log_params(client, parent_id, params)

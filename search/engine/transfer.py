@@ -3,8 +3,9 @@ search.transfer``)
 
 Rows: where each config was tuned (its ``dataset`` field), plus one paper-defaults row per
 (method, backbone) among the configs; columns: the data sets it is tested on; cells: mIoU (%) with
-the protocol of :mod:`search.engine.scoring`. Logged on one MLflow run (``ovss_role=transfer``) as
-``transfer_table.csv`` / ``.md`` and a heatmap PNG.
+the protocol of :mod:`search.engine.scoring`; last, the ``--warm-start RUN`` flag that starts a
+search on another data set from the row's search (docs/cost.md). Logged on one MLflow run
+(``ovss_role=transfer``) as ``transfer_table.csv`` / ``.md`` and a heatmap PNG.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def row_configs(paths: Sequence[str], paper: bool = True) -> list[tuple[str, dic
         for (method, bb), cfg in seen_models.items():
             rows.append((f"paper defaults ({method}/{bb})", paper_config(cfg)))
     return rows
+
+
+def warm_start_flag(config: dict[str, Any]) -> str:
+    """The ``search.run`` flag that starts a new search from the search a tuned config came
+    from (``--warm-start <its parent run id>``); empty for a paper-defaults row."""
+    run = (config.get("provenance") or {}).get("parent_run_id")
+    return f"--warm-start {run}" if run else ""
 
 
 def heatmap(table: list[dict[str, Any]], columns: list[str], path: Path) -> Path:
@@ -114,6 +122,8 @@ def transfer(args: argparse.Namespace) -> str:
                                      desc=f"{label[:30]} on {name}")
                     row[name] = s.miou
                     metrics[f"miou/{label}/{name}"] = s.miou
+                row["warm start"] = ("" if label.startswith("paper defaults")
+                                     else warm_start_flag(cfg))
                 table.append(row)
             tracking.log_metrics(client, run_id, metrics, 0)
             with tempfile.TemporaryDirectory() as tmp:

@@ -32,14 +32,37 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     """Ray's Optuna searcher, but a trial stopped early by the scheduler (fewer images than the
     full tuning set) is told to Optuna as PRUNED, not COMPLETE with its few-image score: TPE
     must not compare a 2-image mIoU with a 16-image one. Its per-rung values stay reported as
-    intermediate values (``on_trial_result``), which TPE uses to rank pruned trials."""
+    intermediate values (``on_trial_result``), which TPE uses to rank pruned trials.
 
-    def __init__(self, *args, full_images: int, **kwargs):
+    A cost-aware search (docs/cost.md): with a ``budget``, each trial's seconds per image over
+    it is set on its Optuna trial as a constraint (``Trial.set_constraint``; > 0: infeasible)
+    before it is told, which TPE and NSGA-II read; with ``patience``
+    (:class:`search.core.front.Patience`) the searcher answers ``FINISHED`` once that many
+    trials in a row brought no improvement, and Tune lets the running trials end."""
+
+    def __init__(self, *args, full_images: int, patience=None, budget: float | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.full_images = int(full_images)
+        self.patience = patience
+        self.budget = budget
+
+    def suggest(self, trial_id):
+        if self.patience is not None and self.patience.exhausted:
+            return OptunaSearch.FINISHED
+        return super().suggest(trial_id)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        if result and not error and int(result.get("images", 0)) < self.full_images:
+        from search.core.front import BUDGET_CONSTRAINT, COST_METRIC, budget_constraint
+
+        full = bool(result) and not error and int(result.get("images", 0)) >= self.full_images
+        seconds = (result or {}).get(COST_METRIC)
+        if self.budget is not None and seconds is not None and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_constraint(
+                BUDGET_CONSTRAINT, budget_constraint(seconds, self.budget))
+        if self.patience is not None and trial_id not in self._completed_trials:
+            self.patience.observe(float(result["score"]) if full else None, seconds)
+        if result and not error and not full:
             result = None   # OptunaSearch tells a result-less, error-less trial as PRUNED
         super().on_trial_complete(trial_id, result, error)
 
@@ -96,12 +119,18 @@ def _callbacks(plan, callback) -> list:
 def make_sampler(name: str, seed: int, num_samples: int):
     """The Optuna sampler of ``--sampler``. ``tpe``: start-up of a quarter of the trials (2..10),
     ``constant_liar`` so that trials running at once see each other as bad results and parallel
-    suggestions spread out instead of piling onto one point. ``random``: the i-th suggestion
-    depends on the seed and i only, so a search gives the same trials at any concurrency."""
+    suggestions spread out instead of piling onto one point (one or two objectives: Optuna's
+    TPE is MOTPE with two). ``random``: the i-th suggestion depends on the seed and i only, so a
+    search gives the same trials at any concurrency. ``nsga2``: NSGA-II, generations of a
+    quarter of the trials (4 or more). TPE and NSGA-II avoid trials over a budget (their
+    constraint, :class:`PrunedAwareOptunaSearch`); random ignores it."""
     import optuna
 
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=max(4, num_samples // 4),
+                                             seed=seed)
     startup = max(2, min(10, num_samples // 4))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
 
@@ -110,16 +139,29 @@ def _new_tuner(plan, ctx, callback, trainable):
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
+    from search.core.front import COST_METRIC, Patience
     from search.core.space import optuna_space, trial0
 
     r, args = plan.resolved, plan.args
+    cost = getattr(plan, "cost", None)
+    budget = cost.budget if cost is not None else None
     sampler = make_sampler(getattr(args, "sampler", "tpe"), args.seed, plan.num_samples)
-    searcher = PrunedAwareOptunaSearch(space=optuna_space(r.space), sampler=sampler,
-                                       metric="score", mode="max",
-                                       points_to_evaluate=[trial0(r.defaults, r.space)],
-                                       full_images=plan.rungs[-1])
+    two = cost is not None and cost.seconds
+    warm = cost.warm.points if cost is not None and cost.warm is not None else []
+    patience = (Patience(cost.patience, cost.margin, budget, two)
+                if cost is not None and cost.patience else None)
+    if cost is not None:
+        cost.tracker = patience      # read by search.engine.pareto.stop_reason after fit
+    searcher = PrunedAwareOptunaSearch(
+        space=optuna_space(r.space), sampler=sampler,
+        metric=["score", COST_METRIC] if two else "score", mode=["max", "min"] if two else "max",
+        points_to_evaluate=[trial0(r.defaults, r.space), *warm], full_images=plan.rungs[-1],
+        patience=patience, budget=budget)
+    # Two objectives: no ASHA (docs/cost.md). Its rungs compare quality only, so they would stop
+    # the cheap configs first, the front's fast end; and Optuna takes no intermediate values
+    # of a multi-objective trial. Every trial is scored on every image.
     scheduler = (ImageRungScheduler(plan.rungs, reduction_factor=2, metric="score", mode="max")
-                 if len(plan.rungs) > 1 else FIFOScheduler())
+                 if len(plan.rungs) > 1 and not two else FIFOScheduler())
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -195,16 +237,24 @@ def tune_search(plan, ctx, callback):
     return results
 
 
-def best_result(results, searched: list[str]) -> dict[str, Any]:
-    """Best trial among those scored on the most images (ASHA-pruned trials saw fewer)."""
+def best_result(results, searched: list[str], budget: float | None = None
+                ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Best trial among those scored on the most images (ASHA-pruned trials saw fewer) and,
+    with a ``budget``, within it (None when none is: :func:`search.engine.pareto.check_budget`
+    says so first); ties go to the faster trial. Also every scored trial's row (``seconds``:
+    its seconds per image, None when the search measured no cost)."""
+    from search.core.front import COST_METRIC, best_point
+
     rows = []
     for res in results:
         if res.error is not None or not res.metrics or "score" not in res.metrics:
             continue
+        cost = res.metrics.get(COST_METRIC)
         rows.append({"score": float(res.metrics["score"]),
                      "images": int(res.metrics.get("images", 0)),
+                     "seconds": float(cost) if cost is not None else None,
                      "params": {k: res.config[k] for k in searched if k in res.config},
                      "metrics": dict(res.metrics), "trial_id": res.metrics.get("trial_id")})
     top = max(r["images"] for r in rows)
     full = [r for r in rows if r["images"] == top]
-    return max(full, key=lambda r: r["score"]), rows
+    return best_point(full, budget), rows

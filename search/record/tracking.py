@@ -83,8 +83,9 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 #: Keys of a trial's last result that its run keeps besides the headline score: per-class IoU,
 #: aAcc, method details, timings, memory, and the CLIP reward's own counts (``clip_wins``,
-#: ``clip_pairs``, ``clip_images``, ``clip_unscored_images``, ``clip_image_mean``).
-FINAL_METRIC_PREFIXES = ("iou/", "aacc", "detail/", "time/", "worker/", "clip_")
+#: ``clip_pairs``, ``clip_images``, ``clip_unscored_images``, ``clip_image_mean``), and a
+#: cost-aware search's seconds per image and its parts (``cost/``, docs/cost.md).
+FINAL_METRIC_PREFIXES = ("iou/", "aacc", "detail/", "time/", "worker/", "clip_", "cost/")
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,

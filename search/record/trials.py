@@ -48,7 +48,9 @@ class MlflowTrialCallback(tune.Callback):
     Metrics: the headline metric (``miou`` or ``clip_score``, and ``score``) is logged once, when a
     trial finishes its last rung; per-rung values go under ``rung/<metric>`` with step = number of
     images scored, so sorting children by the headline never ranks an early-stopped trial's
-    few-image score above a fully scored one.
+    few-image score above a fully scored one. A cost-aware search's trials also log
+    ``cost/seconds_per_image`` and its parts (``cost/extract_s``, ``cost/extend_s``,
+    ``cost/decode_s``) with the final metrics.
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
