@@ -115,7 +115,7 @@ def test_pamr_steps_are_in_the_decode_cost(workdir, monkeypatch):
     of its real work, and the timed decode must contain that sleep once per image."""
     import time
 
-    import methods.clipseg.segmenter as S
+    import methods.clipseg.decoding as S  # decode calls PAMR from here
     from search.core.trial import evaluate, extract_item
     from search.engine.plan import plan_search
     from search.engine.search import search_context

@@ -305,3 +305,31 @@ def test_readme_says_why_storage_is_private_and_how_to_turn_on_mlflow_auth():
     for needle in ("0700", "unpickle", "--resume", "basic-auth", "MLFLOW_TRACKING_USERNAME",
                    "MLFLOW_TRACKING_PASSWORD", "127.0.0.1"):
         assert needle in section, needle
+
+
+def test_a_vision_model_with_pickle_only_weights_is_refused_unless_allowed(tmp_path):
+    """clipseg's second vision model (DINO through transformers) follows the backbones' rule."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from methods.clipseg.vfm import load_vision
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64, patch_size=8, image_size=32),
+                     add_pooling_layer=False)
+    safe, pickled = tmp_path / "safe", tmp_path / "pickled"
+    model.save_pretrained(safe)
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    entry = {"arch": "dino", "patch": 8}
+    with pytest.raises(OvssError) as e:
+        load_vision({"vision_models": {"mine": {**entry, "path": str(pickled)}}}, "mine")
+    msg = str(e.value)
+    assert "\n" not in msg and "'mine'" in msg and "safetensors" in msg
+    assert "settings.vision_models.mine.allow_pickle_weights=true" in msg
+    want = model.state_dict()["embeddings.patch_embeddings.projection.weight"]
+    for spec in ({"path": str(safe)}, {"path": str(pickled), "allow_pickle_weights": True}):
+        vm = load_vision({"vision_models": {"mine": {**entry, **spec}}}, "mine")
+        got = vm.module.state_dict()["embeddings.patch_embeddings.projection.weight"]
+        assert torch.equal(got, want)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import OvssError
+from methods.io import pretrained_kwargs
 
 ARCHS = ("dino", "dinov2", "dinov2_reg", "sam")
 #: torchvision ``Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])``.
@@ -45,7 +46,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Fields of a vision-model entry.
 FIELDS = ("arch", "model", "revision", "path", "size", "random", "tiny", "layer_norm_eps",
-          "patch")
+          "patch", "allow_pickle_weights")
 #: Tiny configs (fields of a ``tiny:`` block and their defaults).
 TINY = {"hidden": 32, "layers": 2, "heads": 2, "patch": 8, "image_size": 32}
 
@@ -223,19 +224,23 @@ def _hub_module(name: str, spec: Mapping[str, Any]) -> tuple[nn.Module, int, int
     cls = {"dino": "ViTModel", "dinov2": "Dinov2Model",
            "dinov2_reg": "Dinov2WithRegistersModel"}[arch]
     source = str(Path(str(spec["path"])).expanduser()) if spec.get("path") else spec["model"]
-    kw: dict[str, Any] = {}
+    # safetensors only unless the entry sets allow_pickle_weights; its hub revision
+    kw = pretrained_kwargs(spec)
     if arch == "dino":
         kw["add_pooling_layer"] = False
     if spec.get("layer_norm_eps") is not None:
         kw["layer_norm_eps"] = float(spec["layer_norm_eps"])
-    if spec.get("revision") and not spec.get("path"):
-        kw["revision"] = spec["revision"]
     try:
         model = getattr(transformers, cls).from_pretrained(source, **kw)
     except Exception as e:  # noqa: BLE001 - offline, missing cache, wrong files ...
-        raise OvssError(f"clipseg: vision model {name!r}: cannot load {source} as "
-                        f"{cls} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); set its "
-                        f"'path' to a local copy") from None
+        text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        if kw["use_safetensors"] and "safetensors" in text:
+            raise OvssError(f"clipseg: vision model {name!r}: {source!r} has no safetensors "
+                            f"weights (pickled .bin files can run code when read): convert them "
+                            f"with save_pretrained, or set settings.vision_models.{name}."
+                            f"allow_pickle_weights=true") from None
+        raise OvssError(f"clipseg: vision model {name!r}: cannot load {source} as {cls} "
+                        f"({type(e).__name__}: {text}); set its 'path' to a local copy") from None
     patch = model.config.patch_size
     return model, int(patch[0] if isinstance(patch, (list, tuple)) else patch), None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from methods.base import OvssError
+from methods.io import atomic_write
 from search.core.front import FRONT_CSV, front_csv
 
 
@@ -84,7 +85,8 @@ def _plot(plan, full, path: Path) -> Path | None:
             ax = ovm.plot_pareto_front(
                 _study(plan, full), target_names=[plan.reward["name"], "seconds per image"],
                 include_dominated_trials=True)
-        ax.figure.savefig(path, dpi=80, bbox_inches="tight")
+        atomic_write(path, lambda f: ax.figure.savefig(f, format="png", dpi=80,
+                                                       bbox_inches="tight"))
         plt.close(ax.figure)
         return path
     except Exception as e:  # noqa: BLE001 - a plot never fails a search
@@ -103,7 +105,7 @@ def log_front(client, parent_id: str, plan, rows, callback) -> list[dict[str, An
         return []
     table = front_table(plan, rows, callback)
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / FRONT_CSV).write_text(front_csv(table))
+        atomic_write(Path(d) / FRONT_CSV, front_csv(table))
         client.log_artifact(parent_id, str(Path(d) / FRONT_CSV))
         png = _plot(plan, full, Path(d) / "pareto_front.png")
         if png is not None:
