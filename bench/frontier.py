@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
     settings, trials = plan(args.method, args.trials, args.seed)
-    settings = {**settings, "templates": "simple", "vision_models": MODELS}
+    # variants: what `--preset proxyclip` / `trident` extracts (a search fills it from the
+    # preset's space, methods/clipseg/reach.py); null would add the family's evidence too
+    settings = {**settings, "templates": "simple", "vision_models": MODELS,
+                "variants": [args.method]}
     seg = ClipSegSegmenter(model, "ViT-B-16", {"name": "vit-b16-random"}, settings)
     from search.data.spec import load_spec
 
