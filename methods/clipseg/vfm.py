@@ -6,6 +6,7 @@ named by ``settings.vision`` (the models extract runs) or ``settings.sam`` (Trid
 - ``{arch: dino, model: facebook/dino-vitb8}``: a Hugging Face hub id, loaded with
   transformers' own class (``ViTModel`` for DINO, ``Dinov2Model`` for ``dinov2``,
   ``Dinov2WithRegistersModel`` for ``dinov2_reg``); ``path:`` a local copy overrides the id;
+  safetensors only unless the entry sets ``allow_pickle_weights: true`` (as every backbone);
 - ``{arch: sam, size: vit_b, path: sam_vit_b_01ec64.pth}``: segment-anything's ``Sam`` from
   a checkpoint file (read with ``weights_only=True``); ``random: true`` builds random weights;
 - ``tiny: {...}`` (any arch): the same class from a tiny config with random weights seeded by
