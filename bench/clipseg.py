@@ -42,7 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_device_args, device_line, smooth_image, start_device, tiny_segmenter
+from bench.common import (  # noqa: E402
+    ExtractOnce,
+    add_device_args,
+    device_line,
+    smooth_image,
+    start_device,
+    tiny_segmenter,
+)
 from methods.base import ClassSet
 from methods.clipseg.reference import full_forward_labels
 from methods.clipseg.segmenter import ClipSegSegmenter
@@ -118,33 +125,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # Image by image, ours then the naive subset, so that a change of machine load hits both.
     k = max(1, min(args.naive_trials, len(plan)))
-    t_extract = t_decode = t_naive = 0.0
-    evidence_mb, agree = [], []
-    per_variant: dict[str, list[float]] = {}
+    ours_ = ExtractOnce(seg, classes, lambda p: p["attention"])
+    t_naive, agree = 0.0, []
     for img in images:
-        t0 = time.perf_counter()
-        ev = seg.extract(img, classes)
-        t_extract += time.perf_counter() - t0
-        evidence_mb.append(ev.nbytes() / 1e6)
-        ours_labels = []
-        for p in plan:
-            t0 = time.perf_counter()
-            ours_labels.append(seg.decode(ev, p))
-            dt = time.perf_counter() - t0
-            t_decode += dt
-            per_variant.setdefault(p["attention"], []).append(dt)
+        ours_labels = ours_.run(img, plan)
         for p, mine in zip(plan[:k], ours_labels):
             t0 = time.perf_counter()
             lab = full_forward_labels(seg, img, classes, p)
             t_naive += time.perf_counter() - t0
             agree.append(float((lab == mine).mean()))
+    t_extract, t_decode, evidence_mb = ours_.t_extract, ours_.t_decode, ours_.evidence_mb
     ours = t_extract + t_decode
     n_dec = args.images * len(plan)
     print(f"ours:  extract {t_extract:.1f} s ({t_extract / args.images:.2f} s/image) + "
           f"{n_dec} decodes {t_decode:.1f} s ({1000 * t_decode / n_dec:.0f} ms each) "
           f"= {ours:.1f} s")
-    print("decode ms per variant (mean over its trials): " + ", ".join(
-        f"{v} {1000 * np.mean(ts):.0f} (n={len(ts)})" for v, ts in sorted(per_variant.items())))
+    print(ours_.variant_line())
     per = t_naive / (args.images * k)
     naive = per * args.images * len(plan)
     print(f"naive: timed {args.images * k} full forwards (first {k} trials of each image), "

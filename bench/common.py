@@ -81,3 +81,41 @@ def tiny_segmenter(method: str, device: str, settings: dict | None = None):
     r = resolve(spec, backbone=smoke.backbone, dataset="voc21", preset=smoke)
     return get_segmenter_class(method).from_spec(r.backbone, {**r.settings, **(settings or {})},
                                                  device)
+
+
+class ExtractOnce:
+    """Our side of an extract-once bench: each image extracted once, then every trial decoded
+    from its evidence, timed. ``tag(params)`` names a trial's variant for the per-variant line.
+    Sums: ``t_extract``, ``t_decode`` (s); ``evidence_mb`` per image; ``per_variant`` tag -> s;
+    ``last``: the last image's evidence."""
+
+    def __init__(self, seg, classes, tag) -> None:
+        self.seg, self.classes, self.tag = seg, classes, tag
+        self.t_extract = self.t_decode = 0.0
+        self.evidence_mb: list[float] = []
+        self.per_variant: dict[str, list[float]] = {}
+        self.last = None
+
+    def run(self, image: np.ndarray, trials: list[dict]) -> list[np.ndarray]:
+        """The label map of every trial on ``image``."""
+        import time
+
+        t0 = time.perf_counter()
+        ev = self.seg.extract(image, self.classes)
+        self.t_extract += time.perf_counter() - t0
+        self.evidence_mb.append(ev.nbytes() / 1e6)
+        self.last = ev
+        labels = []
+        for p in trials:
+            t0 = time.perf_counter()
+            labels.append(self.seg.decode(ev, p))
+            dt = time.perf_counter() - t0
+            self.t_decode += dt
+            self.per_variant.setdefault(self.tag(p), []).append(dt)
+        return labels
+
+    def variant_line(self) -> str:
+        """``decode ms per variant (mean over its trials): a 12 (n=3), ...``"""
+        return "decode ms per variant (mean over its trials): " + ", ".join(
+            f"{v} {1000 * np.mean(ts):.0f} (n={len(ts)})" for v, ts in
+            sorted(self.per_variant.items()))

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import smooth_image, steady_malloc  # noqa: E402
+from bench.common import ExtractOnce, smooth_image, steady_malloc  # noqa: E402
 from methods.base import ClassSet  # noqa: E402
 from methods.clipseg.reference import full_forward_labels  # noqa: E402
 from methods.clipseg.segmenter import ClipSegSegmenter  # noqa: E402
@@ -106,35 +106,25 @@ def main(argv: list[str] | None = None) -> int:
           f"threads, {note}; text embeddings and model building once ({t_setup:.1f} s, in "
           f"neither)", flush=True)
     k = max(1, min(args.naive_trials, len(trials)))
-    t_extract = t_decode = t_naive = 0.0
-    evidence_mb, agree, per_variant = [], [], {}
+    ours_ = ExtractOnce(seg, classes, lambda p: p["attention"] + (
+        "+refine" if p.get("sam_refine") and p["attention"] == "trident" else ""))
+    t_naive, agree = 0.0, []
     for img in images:
-        t0 = time.perf_counter()
-        ev = seg.extract(img, classes)
-        t_extract += time.perf_counter() - t0
-        evidence_mb.append(ev.nbytes() / 1e6)
-        mine = []
-        for p in trials:
-            t0 = time.perf_counter()
-            mine.append(seg.decode(ev, p))
-            dt = time.perf_counter() - t0
-            t_decode += dt
-            name = p["attention"] + ("+refine" if p.get("sam_refine") and
-                                     p["attention"] == "trident" else "")
-            per_variant.setdefault(name, []).append(dt)
+        mine = ours_.run(img, trials)
         for p, lab in zip(trials[:k], mine):
             t0 = time.perf_counter()
             want = full_forward_labels(seg, img, classes, p)
             t_naive += time.perf_counter() - t0
             agree.append(float((want == lab).mean()))
-        print(f"  image done: extract {t_extract:.1f} s, decodes {t_decode:.1f} s, naive "
-              f"{t_naive:.1f} s so far", flush=True)
+        print(f"  image done: extract {ours_.t_extract:.1f} s, decodes {ours_.t_decode:.1f} s, "
+              f"naive {t_naive:.1f} s so far", flush=True)
+    t_extract, t_decode = ours_.t_extract, ours_.t_decode
+    evidence_mb, ev = ours_.evidence_mb, ours_.last
     ours = t_extract + t_decode
     n_dec = args.images * len(trials)
     print(f"ours:  extract {t_extract:.1f} s ({t_extract / args.images:.1f} s/image) + {n_dec} "
           f"decodes {t_decode:.1f} s ({1000 * t_decode / n_dec:.0f} ms each) = {ours:.1f} s")
-    print("decode ms per variant (mean over its trials): " + ", ".join(
-        f"{v} {1000 * np.mean(ts):.0f} (n={len(ts)})" for v, ts in sorted(per_variant.items())))
+    print(ours_.variant_line())
     per = t_naive / (args.images * k)
     naive = per * n_dec
     print(f"naive: timed {args.images * k} full forwards (first {k} trial(s) of each image), "

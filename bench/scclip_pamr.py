@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import smooth_image
+from bench.common import ExtractOnce, smooth_image
 from methods.base import ClassSet
 from methods.clipseg.reference import full_forward_labels
 from methods.clipseg.segmenter import ClipSegSegmenter
@@ -89,23 +89,12 @@ def bench(preset: str, model: torch.nn.Module, images: list[np.ndarray], args) -
           f"{seg.settings['stride']}, variants {list(seg.variants)}, scclip_layers "
           f"{seg.scclip_layers}; {len(names)} names (text once, {t_text:.1f} s, in neither)")
     k = max(1, min(args.naive_trials, len(trials)))
-    t_extract = t_decode = 0.0
+    ours_ = ExtractOnce(seg, classes,
+                        lambda p: p["attention"] + ("+pamr" if int(p["pamr_steps"]) else ""))
     naive: dict[bool, list[float]] = {False: [], True: []}
-    per_variant: dict[str, list[float]] = {}
-    evidence_mb, agree = [], []
+    agree = []
     for img in images:
-        t0 = time.perf_counter()
-        ev = seg.extract(img, classes)
-        t_extract += time.perf_counter() - t0
-        evidence_mb.append(ev.nbytes() / 1e6)
-        mine = []
-        for p in trials:
-            t0 = time.perf_counter()
-            mine.append(seg.decode(ev, p))
-            dt = time.perf_counter() - t0
-            t_decode += dt
-            tag = p["attention"] + ("+pamr" if int(p["pamr_steps"]) else "")
-            per_variant.setdefault(tag, []).append(dt)
+        mine = ours_.run(img, trials)
         timed = list(range(k))
         for kind in (False, True):          # time each kind (PAMR off / on) at least once
             if not naive[kind] and not any(bool(int(trials[i]["pamr_steps"])) == kind
@@ -118,6 +107,7 @@ def bench(preset: str, model: torch.nn.Module, images: list[np.ndarray], args) -
             naive[bool(int(trials[i]["pamr_steps"]))].append(time.perf_counter() - t0)
             agree.append(float((lab == mine[i]).mean()))
     n_img, n_tr = len(images), len(trials)
+    t_extract, t_decode, evidence_mb = ours_.t_extract, ours_.t_decode, ours_.evidence_mb
     ours = t_extract + t_decode
     on = sum(bool(int(p["pamr_steps"])) for p in trials)
     mean = {kind: float(np.mean(ts)) if ts else float("nan") for kind, ts in naive.items()}
@@ -128,8 +118,7 @@ def bench(preset: str, model: torch.nn.Module, images: list[np.ndarray], args) -
     print(f"ours:  extract {t_extract:.1f} s ({t_extract / n_img:.2f} s/image) + "
           f"{n_img * n_tr} decodes {t_decode:.1f} s ({1000 * per_decode:.0f} ms each) "
           f"= {ours:.1f} s")
-    print("decode ms per variant (mean over its trials): " + ", ".join(
-        f"{v} {1000 * np.mean(ts):.0f} (n={len(ts)})" for v, ts in sorted(per_variant.items())))
+    print(ours_.variant_line())
     print(f"naive: {len(naive[False])} full forwards without PAMR ({mean[False]:.2f} s each), "
           f"{len(naive[True])} with ({mean[True]:.2f} s each), scaled to {n_img} x {n_tr} "
           f"({on} of {n_tr} trials with PAMR) = {naive_total:.1f} s; label agreement with "
