@@ -6,7 +6,11 @@ A backbone entry (a method's or ``conf/rewards/clip.yaml``'s) is one of:
 - the same plus ``path: /models/clip.safetensors``: a local checkpoint overrides the tag (read
   with ``weights_only=True``);
 - ``{tiny: {width: 64, layers: 4, ...}}``: a tiny config registered with open_clip, so the model
-  is the real ``open_clip.CLIP`` class with random weights seeded by ``seed`` (tests, smoke).
+  is the real ``open_clip.CLIP`` class with random weights seeded by ``seed`` (tests, smoke);
+- the same plus ``shipped: toy-clip``: weights shipped in this package
+  (``methods/weights/<name>.safetensors``, e.g. the toy CLIP that ``bench/toy_clip_train.py``
+  trains on generated scenes) loaded into that class, or ``path: FILE``: such a file elsewhere
+  (it wins over ``shipped``); the file's metadata must name the same tiny config.
 """
 
 from __future__ import annotations
@@ -32,6 +36,47 @@ TINY_EXTRAS = ("quick_gelu", "vision", "text")
 
 
 _TINY_DIR: Path | None = None
+
+#: Where shipped weights live: ``shipped: NAME`` reads ``SHIPPED_DIR / f"{NAME}.safetensors"``.
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def shipped_path(name: str) -> Path:
+    """The file of shipped weights ``name``; OvssError naming the ones there are."""
+    p = SHIPPED_DIR / f"{name}.safetensors"
+    if "/" in str(name) or not p.is_file():
+        have = sorted(f.stem for f in SHIPPED_DIR.glob("*.safetensors"))
+        raise OvssError(f"shipped weights {name!r} not found in {SHIPPED_DIR} "
+                        f"(shipped: {', '.join(have) or 'none'})")
+    return p
+
+
+def load_tiny_weights(model: torch.nn.Module, path: str | Path, tiny: Mapping[str, Any]) -> None:
+    """Load a tiny model's safetensors file (float16 on disk, ``bench/toy_clip_train.py``) into
+    ``model`` (float32), checking that it was trained for this ``tiny`` config (metadata
+    ``tiny``). The file is read as tensors only (no pickle)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    p, name = Path(path).expanduser(), Path(path).stem
+    if not p.is_file():
+        raise OvssError(f"tiny weights {p} not found")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = {k: v.float() for k, v in load_file(str(p)).items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise OvssError(f"tiny weights {p}: not a safetensors file ({str(e)[:120]})") from None
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+    want = json.loads(meta.get("tiny", "null"))
+    if want != dict(tiny):
+        raise OvssError(f"weights {name!r} were trained for tiny config {want}, "
+                        f"the backbone entry asks for {dict(tiny)}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise OvssError(f"weights {name!r} do not fit the model: missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def tiny_model_name(tiny: Mapping[str, Any], register: bool = True) -> str:
@@ -94,6 +139,10 @@ def load_clip(backbone: Mapping[str, Any], seed: int, device: str,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = open_clip.create_model(name, pretrained=None, device=device)
+        weights = backbone.get("path") or (shipped_path(str(backbone["shipped"]))
+                                           if backbone.get("shipped") else None)
+        if weights:
+            load_tiny_weights(model, weights, dict(backbone["tiny"] or {}))
         return model.eval(), name
     name = backbone.get("model")
     if not name:

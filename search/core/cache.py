@@ -302,9 +302,14 @@ def weights_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
       ``presence_pretrained``): the tag and the commit of its hub repo in the HF cache.
     - clipseg's second vision models: the identity of each ``vision_models`` entry that
       ``vision`` or ``sam`` names (each entry is a spec of its own: a hub id or a path).
-    ``tiny`` backbones (random weights from a seed) have no files: {}.
+    ``tiny`` backbones (random weights from a seed) have no files: {}, unless they name
+    ``shipped`` weights (methods/weights/): that file's identity.
     """
     out: dict[str, Any] = {}
+    if spec.get("shipped"):
+        from methods.open_clip_backbone import shipped_path
+
+        out["shipped"] = _file_identity(shipped_path(str(spec["shipped"])))
     for field in _PATH_FIELDS:
         if spec.get(field):
             out[field] = _path_identity(spec[field])

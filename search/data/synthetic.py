@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 from PIL import Image
@@ -89,6 +91,7 @@ def voc_palette() -> list[int]:
     return pal
 
 
+@lru_cache(maxsize=None)
 def _spec(style: _Style) -> DatasetSpec:
     if style.dataset == FOLDER:
         return DatasetSpec(name=FOLDER, layout=FOLDER, classes=list(FOLDER_CLASSES),
@@ -139,6 +142,27 @@ def _paint(rng: np.random.Generator, shape: tuple[int, int], style: _Style,
         lab[-3:, :] = unlabeled
         img[-3:, :] = 20
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), lab
+
+
+def scene(layout: str, rng: np.random.Generator,
+          shape: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, list[str]]:
+    """One generated image (HxWx3 uint8) of ``layout``'s style and the readable names
+    (``prompts[i][0]``) of the classes painted in it, background excluded: the image-caption
+    pairs the toy CLIP is trained on (bench/toy_clip_train.py). Same painter as the data sets."""
+    if layout not in STYLES:
+        raise OvssError(f"unknown layout {layout!r}: choose one of {', '.join(STYLES)}")
+    style = STYLES[layout]
+    spec = _spec(style)
+    img, lab = _paint(rng, shape, style, spec)
+    prompts = spec.prompts or [[c] for c in spec.classes]
+    offset = 1 if spec.reduce_zero_label else 0
+    names = []
+    for v in np.unique(lab).tolist():
+        i = v - offset
+        if v != spec.ignore_index and 0 <= i < len(spec.classes) and \
+                spec.classes[i] != "background":
+            names.append(prompts[i][0])
+    return img, names
 
 
 def _write(root: Path, layout: str, n: int, size: tuple[int, int], seed: int) -> None:
