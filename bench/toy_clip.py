@@ -1,7 +1,7 @@
 """The CLIP family on the toy CLIP: default held-out mIoU per variant, on generated data sets
 that no training or tuning ever saw (their own generator seed, :data:`HELD_OUT_SEED`).
 
-    python -m bench.toy_clip                              # the shipped weights, VOC- and Context-like
+    python -m bench.toy_clip                        # the shipped weights, both data sets
     python -m bench.toy_clip --weights /tmp/w.safetensors --n 40 --variants maskclip,sclip
 
 Prints one row per attention variant: mIoU (%) and foreground pixel accuracy per data set, each

@@ -21,9 +21,8 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -91,7 +90,7 @@ def voc_palette() -> list[int]:
     return pal
 
 
-@lru_cache(maxsize=None)
+@cache
 def _spec(style: _Style) -> DatasetSpec:
     if style.dataset == FOLDER:
         return DatasetSpec(name=FOLDER, layout=FOLDER, classes=list(FOLDER_CLASSES),
