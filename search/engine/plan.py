@@ -209,7 +209,7 @@ def _reward_spec(args: argparse.Namespace, preset) -> dict[str, Any]:
 
     path = CONF_DIR / "rewards" / "clip.yaml"
     conf = yaml.safe_load(path.read_text())
-    name = args.reward_backbone or ("tiny" if args.preset == "smoke"
+    name = args.reward_backbone or ("toy-clip" if args.preset == "smoke"
                                     else conf["default_backbone"])
     if name not in conf["backbones"]:
         raise OvssError(f"unknown --reward-backbone {name!r}: choose one of "
