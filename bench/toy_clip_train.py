@@ -83,16 +83,23 @@ def tensor_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: The files the weights depend on (the recipe and the painter): their commit is the provenance.
+SOURCES = ("bench/toy_clip_train.py", "search/data/synthetic.py")
+
+
 def commit() -> str:
+    """The last commit of :data:`SOURCES`, ``+dirty`` when either differs from it."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "?"
+        head = git("log", "-1", "--format=%H", "--", *SOURCES)
+        dirty = git("status", "--porcelain", "--", *SOURCES)
     except OSError:
         return "?"
+    return (head or "?") + ("+dirty" if dirty else "")
 
 
 def train(recipe: dict, log_every: int = 50) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -146,11 +153,11 @@ def train(recipe: dict, log_every: int = 50) -> tuple[dict[str, torch.Tensor], d
     return state, meta
 
 
-def save(state: dict[str, torch.Tensor], meta: dict[str, Any], out: Path) -> None:
+def write_weights(state: dict[str, torch.Tensor], meta: dict[str, Any], out: Path) -> None:
     """Write the safetensors file atomically (no half-written weights at ``out``)."""
-    from safetensors.torch import save
+    from safetensors.torch import save as serialise
 
-    data = save(state, metadata={k: json.dumps(v) if not isinstance(v, str) else v
+    data = serialise(state, metadata={k: json.dumps(v) if not isinstance(v, str) else v
                                  for k, v in meta.items()})
     atomic_write(out, data)
 
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {**RECIPE, **({"steps": a.steps} if a.steps else {}),
               **({"seed": a.seed} if a.seed is not None else {})}
     state, meta = train(recipe)
-    save(state, meta, a.out)
+    write_weights(state, meta, a.out)
     mb = a.out.stat().st_size / 2**20
     print(f"wrote {a.out} ({mb:.1f} MB, {meta['seconds']:.0f} s of training, final loss "
           f"{meta['final_loss']}, tensors sha256 {meta['tensor_sha256'][:12]})")

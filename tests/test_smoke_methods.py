@@ -10,8 +10,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from methods import METHODS
 from bench.toy_clip import heldout_root
+from methods import METHODS
 from methods.infer import main as infer_main
 from search.evaluate import main as evaluate_main
 from search.export import main as export_main

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bench.toy_clip import HELD_OUT_SEED, heldout_scores, segmenter
-from bench.toy_clip_train import RECIPE, caption, save, tensor_sha256, train
+from bench.toy_clip_train import RECIPE, caption, tensor_sha256, train, write_weights
 from methods.base import OvssError
 from methods.open_clip_backbone import load_clip, shipped_path
 from search.core.cache import weights_identity
@@ -53,7 +53,7 @@ def test_training_is_reproducible_and_the_seed_matters(tmp_path):
     assert meta_a["tensor_sha256"] != meta_c["tensor_sha256"]
     # the file it writes loads into the backbone (path: wins over shipped:) and is its tensors
     out = tmp_path / "w.safetensors"
-    save(a, meta_a, out)
+    write_weights(a, meta_a, out)
     model, _ = load_clip({**TOY, "path": str(out)}, seed=0, device="cpu")
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v.float()) for k, v in a.items())
