@@ -70,18 +70,27 @@ class Searches:
             sys.stderr.write(out.getvalue()[-4000:])
         if rc != 0:
             raise SystemExit(f"search {name} failed (exit {rc}): {' '.join(argv)}")
-        cfg = yaml.safe_load((self.root / "ray" / name / "best_config.yaml").read_text())
-        cfg["seconds"] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        client, parent = self.parent(name, dataset)
+        local = client.download_artifacts(parent.info.run_id, "best_config.yaml",
+                                          str(self.root))
+        cfg = yaml.safe_load(Path(local).read_text())
+        cfg["seconds"] = seconds
         return cfg
 
-    def trials(self, name: str, dataset: str) -> list[dict[str, float]]:
-        """The search's trials in trial order: their metrics."""
+    def parent(self, name: str, dataset: str):
+        """(MLflow client, the parent run of search ``name``)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
         exp = client.get_experiment_by_name(f"clipseg/toy-clip/{dataset}")
-        parent = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}' "
-                                    "and tags.ovss_role = 'search'")[0]
+        return client, client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}' "
+                                          "and tags.ovss_role = 'search'")[0]
+
+    def trials(self, name: str, dataset: str) -> tuple[list[dict[str, float]], dict]:
+        """The search's trials' metrics in trial order, and the parent run's metrics."""
+        client, parent = self.parent(name, dataset)
+        exp = client.get_experiment_by_name(f"clipseg/toy-clip/{dataset}")
         kids = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                   max_results=1000)
@@ -99,10 +108,10 @@ def family(s: Searches, args) -> None:
     print("| variant | VOC-like default | tuned | Context-like default | tuned "
           "| tuned knobs (VOC) |")
     print("|---|---|---|---|---|---|")
-    for v in VARIANTS:
+    for v in args.variants.split(","):
         cells, knobs = [], ""
         for ds in ("voc21", "context60"):
-            extra = ["--set", f"attention={v}"]
+            extra = variant_flags(v)
             cfg = s.run(f"family-{v}-{ds}", ds, *extra, trials=args.trials)
             default, tuned = heldout_scores(ds, [{"attention": v}, cfg["params"]],
                                             n=args.held_images)
@@ -120,6 +129,21 @@ KNOBS = {"maskclip": COMMON, "sclip": COMMON, "clearclip": COMMON,
          "cra": (*COMMON, "layer", "tau", "epsilon", "dsi_start", "min_pts"),
          "scclip": (*COMMON, "pre_adjust_idx", "post_adjust_idx", "multi_start_idx",
                     "multi_end_idx", "res_cls", "adjust_beta")}
+
+
+def variant_flags(v: str) -> list[str]:
+    """``--set`` flags that fix attention to ``v`` and every knob ``v`` does not read at its
+    default: the search spends its trials on the variant's own knobs (:data:`KNOBS`)."""
+    from methods.spec import load_method_spec
+    from search.core.config import resolve
+
+    spec = load_method_spec("clipseg")
+    r = resolve(spec, "toy-clip", "voc21", None, spec.presets["smoke"])
+    flags = ["--set", f"space.attention.choices=[{v}]", "--set", f"attention={v}"]
+    for k in sorted(r.space):
+        if k != "attention" and k not in KNOBS[v]:
+            flags += ["--set", f"{k}={r.defaults[k]}"]
+    return flags
 
 
 def transfer(s: Searches, args) -> None:
@@ -187,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="regret: searches per sampler")
     p.add_argument("--tune-images", type=int, default=24)
     p.add_argument("--held-images", type=int, default=40)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="family: these variants")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

@@ -14,7 +14,8 @@ training come from ``RECIPE["seed"]``, never from the held-out seed the evaluati
 (``bench/toy_clip.py``: :data:`HELD_OUT_SEED`).
 
 The file is written float16 (under 16 MB: the token embedding alone is 49408 x text_width),
-atomically, with the provenance in its metadata: the recipe, the tiny config, the commit, the
+atomically, with the provenance in its metadata: the recipe, the tiny config, the commit (the
+last of the script and the painter, :data:`SOURCES`), the
 seconds it took, the final loss and the sha256 of the tensors (``tensor_sha256``: what
 ``tests/test_toy_clip.py`` checks). The same recipe, seed and thread count give the same file.
 """
