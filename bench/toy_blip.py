@@ -13,9 +13,13 @@ classes) or ``gt`` (the label map's classes: localization alone). Maps: ``gradca
 or ``attn`` (the cross-attention alone, no gradient: the GradCAM ablation; pnp has no knob).
 
 Knobs: ``paper`` (threshold 0.15, sigma 0.05, D 4, CRF on) and ``smoke`` (the same with D 2,
-CRF off). Per layer the numbers are means over the heads, with the best head's mIoU. ``point``:
-the pointing game with gt presence, the share of (image, present class) whose first-pass map
-peaks on a patch whose centre pixel is that class (threshold-free).
+CRF off). Per layer the numbers are means over the heads, with the best head's mIoU. With gt
+presence, on the first-pass maps (threshold-free; the label map sampled at the patch centres):
+``point``, the pointing game (the share of present classes whose map peaks on a patch of that
+class); ``inside``, the share of a class map's mass on the class's own patches (a uniform map
+gets the class's area share); ``cos``, the cosine between two present classes' maps (1: one map
+for all classes). ``held-out ITM accuracy``: does the model tell the true prompt from the prompt
+with one class swapped for an absent painted class (recognition, not localization).
 """
 
 from __future__ import annotations
@@ -66,18 +70,30 @@ def segmenter(path: Path, maps: str) -> PnPSegmenter:
     return cls.from_spec({"name": "toy-blip", "arch": "blip", "path": str(path)}, SETTINGS)
 
 
-def pointing(seg: PnPSegmenter, ev: Any, label: np.ndarray, layer: int, head: int
-             ) -> tuple[int, int]:
-    """(hits, classes) of the pointing game on the first-pass maps of (layer, head)."""
-    maps = seg.first_pass_maps(ev, layer, head)              # K x P x P
-    p = maps.shape[-1]
+def map_stats(seg: PnPSegmenter, ev: Any, label: np.ndarray, layer: int, head: int
+              ) -> np.ndarray:
+    """Sums over the present classes of (pointing hit, share of the map's mass on the class's
+    own patches), over the pairs of classes of (cosine of the two maps, 1), and over the present
+    classes of the class's area share (the chance level of both the first): first-pass maps of
+    (layer, head), the label map resized (nearest) to the patch grid."""
+    maps = seg.first_pass_maps(ev, layer, head).flatten(1)      # K x P²
+    p = int(round(maps.shape[-1] ** 0.5))
     h, w = label.shape
-    hits = 0
+    grid = label[((np.arange(p) + 0.5) * h / p).astype(int)][:, ((np.arange(p) + 0.5) * w / p)
+                                                               .astype(int)].reshape(-1)
+    out = np.zeros(5)
     for k, c in enumerate(ev.meta["present"]):
-        i = int(maps[k].flatten().argmax())
-        y, x = int((i // p + 0.5) * h / p), int((i % p + 0.5) * w / p)
-        hits += int(label[y, x] == c)
-    return hits, len(ev.meta["present"])
+        out[0] += float(grid[int(maps[k].argmax())] == c)
+        out[4] += float((grid == c).mean())
+        total = float(maps[k].sum())
+        out[1] += float(maps[k][torch.from_numpy(grid == c)].sum()) / total if total > 0 else 0.0
+    if maps.shape[0] > 1:
+        v = torch.nn.functional.normalize(maps, dim=-1)
+        s = v @ v.T
+        k = maps.shape[0]
+        out[2] += float((s.sum() - s.trace()) / (k * (k - 1)))
+        out[3] += 1
+    return out
 
 
 def itm_accuracy(path: Path, n: int, base: Path) -> float:
@@ -116,32 +132,37 @@ def scores(path: Path, maps: str, presence: str, n: int, base: Path) -> dict[tup
     combos = [(k, la, he) for k in KNOBS for la in range(1, L) for he in range(1, H + 1)]
     accs = {c: MiouAccumulator(len(ds.classes.names)) for c in combos}
     fg = {c: [0, 0] for c in combos}
-    point = {(la, he): [0, 0] for la in range(1, L) for he in range(1, H + 1)}
+    stats = {(la, he): np.zeros(5) for la in range(1, L) for he in range(1, H + 1)}
+    n_present = 0
     for i in range(len(ds)):
         image, label = ds.image(i), ds.label(i)
         gt = sorted(set(np.unique(label).tolist()) - {0, ds.ignore_index})
         present = gt if presence == "gt" else None
         ev = seg.extract(image, ds.classes, present)
+        n_present += len(ev.meta["present"])
         for la in range(1, L):
             for he in range(1, H + 1):
                 deep = ev.merged(seg.extend(ev, image, ds.classes, present,
                                             {"layer": la, "head": he, "drop_iters": 4}))
                 if presence == "gt":
-                    a, b = pointing(seg, ev, label, la, he)
-                    point[la, he][0] += a
-                    point[la, he][1] += b
+                    stats[la, he] += map_stats(seg, ev, label, la, he)
                 for k, knobs in KNOBS.items():
                     pred = np.asarray(seg.decode(deep, {**knobs, "layer": la, "head": he}))
                     accs[k, la, he].update(image, pred, label)
                     m = (label != ds.ignore_index) & (label != 0)
                     fg[k, la, he][0] += int((pred[m] == label[m]).sum())
                     fg[k, la, he][1] += int(m.sum())
+    nan = float("nan")
     return {c: {"miou": accs[c].value(), "fg_acc": fg[c][0] / max(1, fg[c][1]),
-                "point": (point[c[1:]][0] / max(1, point[c[1:]][1])
-                          if presence == "gt" else float("nan"))} for c in combos}
+                "point": stats[c[1:]][0] / n_present if presence == "gt" else nan,
+                "inside": stats[c[1:]][1] / n_present if presence == "gt" else nan,
+                "cos": stats[c[1:]][2] / max(1, stats[c[1:]][3]) if presence == "gt" else nan,
+                "chance": stats[c[1:]][4] / n_present if presence == "gt" else nan}
+            for c in combos}
 
 
-def rows(name: str, res: dict[tuple, dict]) -> list[str]:
+def rows(name: str, res: dict[tuple, dict], chance: list[float]) -> list[str]:
+    """Table rows of one (weights, maps, presence); ``chance[0]`` gets the point/inside chance."""
     out = []
     layers = sorted({c[1] for c in res})
     for k in KNOBS:
@@ -149,11 +170,15 @@ def rows(name: str, res: dict[tuple, dict]) -> list[str]:
             cs = [c for c in res if c[0] == k and c[1] == la]
             mi = [100 * res[c]["miou"] for c in cs]
             fa = [100 * res[c]["fg_acc"] for c in cs]
-            pt = [100 * res[c]["point"] for c in cs]
             best = max(cs, key=lambda c: res[c]["miou"])
+            maps = "| - | - | - |"
+            if k == "paper" and not np.isnan(res[cs[0]]["point"]):
+                pt, ins, cos = (np.mean([res[c][m] for c in cs]) for m in ("point", "inside",
+                                                                            "cos"))
+                maps = f"| {100 * pt:.0f} | {100 * ins:.0f} | {cos:.2f} |"
+                chance[0] = 100 * res[cs[0]]["chance"]
             out.append(f"| {name} | {k} | {la} | {np.mean(mi):.1f} | {max(mi):.1f} (h{best[2]}) "
-                       f"| {np.mean(fa):.0f} | " + (f"{np.mean(pt):.0f} |" if k == "paper" and
-                                                   not np.isnan(pt[0]) else "- |"))
+                       f"| {np.mean(fa):.0f} {maps}")
     return out
 
 
@@ -169,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    lines = []
+    lines, chance = [], [float("nan")]
     with tempfile.TemporaryDirectory() as tmp:
         itm = {w: itm_accuracy(path, a.n, Path(tmp))
                for w, path in (("trained", a.trained), ("random", a.random))}
@@ -177,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             for maps in a.maps.split(","):
                 for w, path in (("trained", a.trained), ("random", a.random)):
                     res = scores(path, maps, presence, a.n, Path(tmp))
-                    lines += rows(f"{w}, {maps}, {presence}", res)
+                    lines += rows(f"{w}, {maps}, {presence}", res, chance)
     print(f"toy BLIP pnp, {a.n} held-out VOC-like images (seed {HELD_OUT_SEED}); per layer the "
-          f"mean over heads, the best head; mIoU %, fg pixel accuracy %, pointing game %")
-    print("| weights, maps, presence | knobs | layer | mIoU | best head mIoU | fg acc | point |")
-    print("|---|---|---|---|---|---|---|")
+          f"mean over heads, the best head; mIoU %, fg pixel accuracy %, pointing game %, "
+          f"map mass inside the class %, cosine between two classes' maps")
+    print("| weights, maps, presence | knobs | layer | mIoU | best head mIoU | fg acc | point "
+          "| inside | cos |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
+    print(f"chance level of point and inside (a class's mean area share of the patches): "
+          f"{chance[0]:.0f} %")
     print("held-out ITM accuracy (true prompt vs one class swapped): " +
           ", ".join(f"{w} {100 * v:.0f} %" for w, v in itm.items()))
     print(f"({time.perf_counter() - t0:.0f} s)")
