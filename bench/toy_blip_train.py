@@ -159,7 +159,7 @@ def train(recipe: dict, log_every: int = 50, init_out: Path | None = None
     torch.set_num_threads(int(recipe["threads"]))
     model, tok = build(recipe)
     if init_out is not None:
-        save(model, tok, {"recipe": recipe, "steps_trained": 0}, init_out)
+        save_model(model, tok, {"recipe": recipe, "steps_trained": 0}, init_out)
     logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
     params = [*model.named_parameters(), ("logit_scale", logit_scale)]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
@@ -198,18 +198,29 @@ def train(recipe: dict, log_every: int = 50, init_out: Path | None = None
     return model, tok, meta
 
 
-def save(model: torch.nn.Module, tok: Any, meta: dict[str, Any], out: Path) -> None:
+def save_model(model: torch.nn.Module, tok: Any, meta: dict[str, Any], out: Path) -> None:
     """A directory the pnp backbone ``path`` loads: model (safetensors), tokenizer, image
-    processor (the CLIP mean/std), and ``recipe.json``."""
+    processor (the CLIP mean/std), and ``recipe.json``; written into a private temporary
+    directory beside ``out`` and renamed into place whole (never a half-written model)."""
+    import shutil
+    import tempfile
+
     from transformers import BlipImageProcessor
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    s = int(model.config.vision_config.image_size)
-    BlipImageProcessor(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-                       size={"height": s, "width": s}).save_pretrained(out)
-    (out / "recipe.json").write_text(json.dumps(meta, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        s = int(model.config.vision_config.image_size)
+        BlipImageProcessor(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                           size={"height": s, "width": s}).save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {**RECIPE, **({"steps": a.steps} if a.steps else {}),
               **({"seed": a.seed} if a.seed is not None else {})}
     model, tok, meta = train(recipe, init_out=a.init_out)
-    save(model, tok, meta, a.out)
+    save_model(model, tok, meta, a.out)
     print(f"wrote {a.out} ({meta['seconds']:.0f} s of training, final itc {meta['final_itc']}, "
           f"itm {meta['final_itm']})")
     return 0

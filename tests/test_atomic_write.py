@@ -184,6 +184,7 @@ ALLOWED = {
     ("methods/open_clip_backbone.py", "tiny_model_name"): "a tiny config in a mkdtemp directory",
     ("methods/pnp/presence.py", "_register_tiny"): "a tiny config in a mkdtemp directory",
     ("bench/search.py", "main"): "a random-weight checkpoint in the bench's temporary directory",
+    ("bench/toy_blip_train.py", "save_model"): "a private temporary directory, renamed whole",
     ("search/engine/backbones.py", "run_backbones"):
         "a TemporaryDirectory, logged as an MLflow artifact",
     ("search/record/tables.py", "write_table"):
