@@ -51,6 +51,23 @@ def shipped_path(name: str) -> Path:
     return p
 
 
+def shipped_names() -> list[str]:
+    """The names of the weights shipped in :data:`SHIPPED_DIR`."""
+    return sorted(f.stem for f in SHIPPED_DIR.glob("*.safetensors"))
+
+
+def shipped_backbone(name: str) -> dict[str, Any]:
+    """The backbone entry of shipped weights ``name``: its tiny config (from the file's
+    metadata) and ``shipped: name`` (e.g. pnp's presence filter on the toy CLIP)."""
+    from safetensors import safe_open
+
+    with safe_open(str(shipped_path(name)), framework="pt") as f:
+        tiny = json.loads((f.metadata() or {}).get("tiny", "null"))
+    if not isinstance(tiny, dict):
+        raise OvssError(f"shipped weights {name!r}: no tiny config in the file's metadata")
+    return {"name": name, "tiny": tiny, "shipped": name}
+
+
 def load_tiny_weights(model: torch.nn.Module, path: str | Path, tiny: Mapping[str, Any]) -> None:
     """Load a tiny model's safetensors file (float16 on disk, ``bench/toy_clip_train.py``) into
     ``model`` (float32), checking that it was trained for this ``tiny`` config (metadata

@@ -320,6 +320,9 @@ def test_errors_name_the_problem(tmp_path, seg, image):
         SEGMENTER.from_spec({"name": "x", "arch": "blip", "path": str(missing)}, {})
     with pytest.raises(OvssError, match="model"):
         SEGMENTER.from_spec({"name": "x", "arch": "bridgetower"}, {})
+    with pytest.raises(OvssError, match="cannot load `path`"):    # not silently random weights
+        SEGMENTER.from_spec({"name": "tiny", "arch": "blip", "tiny": {}, "path": str(tmp_path)},
+                            {})
     with pytest.raises(OvssError, match="unknown setting"):
         SEGMENTER(seg.vlm, {"name": "tiny"}, {"image_sise": 64})
     with pytest.raises(OvssError, match="drop_rule"):

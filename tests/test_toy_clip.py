@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bench.toy_clip import HELD_OUT_SEED, heldout_scores, segmenter
+from bench.toy_clip import HELD_OUT_SEED, heldout_root, heldout_scores, segmenter
 from bench.toy_clip_train import RECIPE, caption, tensor_sha256, train, write_weights
 from methods.base import OvssError
 from methods.open_clip_backbone import load_clip, shipped_path
@@ -109,3 +109,19 @@ def test_the_held_out_seed_is_not_the_training_or_smoke_seed():
     assert HELD_OUT_SEED not in (RECIPE["seed"], 0)
     seg, defaults = segmenter("voc21")
     assert seg.num_layers == RECIPE["tiny"]["layers"] and defaults["layer"] == 2
+
+
+def test_pnp_presence_on_the_toy_clip_names_the_classes_in_the_scene(tmp_path):
+    """pnp's smoke preset filters classes with the toy CLIP (presence_model: toy-clip): on
+    held-out scenes what it keeps is there (random weights kept no present class at all)."""
+    from methods.pnp.presence import ClipPresence
+    from search.data import open_dataset
+
+    ds = open_dataset("voc21", heldout_root("voc21", 16, tmp_path))
+    pres = ClipPresence.from_settings({"presence_model": "toy-clip", "presence_threshold": 0.1})
+    tp = fp = fn = 0
+    for i in range(len(ds)):
+        got, want = set(pres(ds.image(i), ds.classes)), set(ds.image_labels(i))
+        tp, fp, fn = tp + len(got & want), fp + len(got - want), fn + len(want - got)
+    assert tp / (tp + fp) >= 0.8 and tp / (tp + fn) >= 0.4, (tp, fp, fn)
+    assert weights_identity({"presence_model": "toy-clip"})["presence_model"]["shipped"]["sha256"]

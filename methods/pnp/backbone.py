@@ -229,6 +229,10 @@ def check_vlm_spec(backbone: Mapping[str, Any]) -> int | None:
     if arch not in ARCHS:
         raise OvssError(f"pnp backbone {label!r}: arch must be one of {ARCHS}, got {arch!r}")
     if backbone.get("tiny") is not None:
+        if backbone.get("path"):   # a tiny entry builds random weights: a path would be ignored
+            raise OvssError(f"pnp backbone {label!r}: a `tiny` entry builds random weights and "
+                            f"cannot load `path` {backbone['path']}; give a backbone with `arch` "
+                            f"and `path` (no `tiny`) for a local model")
         return int(_tiny_fields(backbone["tiny"])["patch_size"])
     path = backbone.get("path")
     if path:

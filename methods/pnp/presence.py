@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ClassSet, OvssError
+from methods.open_clip_backbone import load_clip, shipped_backbone, shipped_names
 
 PresenceFilter = Callable[[np.ndarray, ClassSet], Sequence[int]]
 _TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32,
@@ -61,8 +62,14 @@ class ClipPresence:
                 torch.manual_seed(int(s.get("seed", 0)))
                 model, _, pre = open_clip.create_model_and_transforms(_TINY_NAME, device=device)
             return cls(model, pre, open_clip.get_tokenizer(_TINY_NAME), s["presence_threshold"])
+        if name in shipped_names():       # e.g. toy-clip: trained here, methods/weights/
+            model, mname = load_clip(shipped_backbone(name), int(s.get("seed", 0)), device,
+                                     what="pnp presence")
+            pre = open_clip.image_transform(model.visual.image_size, is_train=False)
+            return cls(model, pre, open_clip.get_tokenizer(mname), s["presence_threshold"])
         if name not in open_clip.list_models():
-            raise OvssError(f"pnp: presence_model {name!r} is not an open_clip model")
+            raise OvssError(f"pnp: presence_model {name!r} is not an open_clip model (nor "
+                            f"shipped weights: {', '.join(shipped_names()) or 'none'})")
         try:
             if path:
                 if not Path(str(path)).expanduser().is_file():

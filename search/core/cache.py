@@ -306,10 +306,13 @@ def weights_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
     ``shipped`` weights (methods/weights/): that file's identity.
     """
     out: dict[str, Any] = {}
-    if spec.get("shipped"):
-        from methods.open_clip_backbone import shipped_path
+    from methods.open_clip_backbone import shipped_names, shipped_path
 
+    if spec.get("shipped"):
         out["shipped"] = _file_identity(shipped_path(str(spec["shipped"])))
+    if spec.get("presence_model") and str(spec["presence_model"]) in shipped_names():
+        out["presence_model"] = {"shipped": _file_identity(shipped_path(
+            str(spec["presence_model"])))}
     for field in _PATH_FIELDS:
         if spec.get(field):
             out[field] = _path_identity(spec[field])
