@@ -118,7 +118,8 @@ def family(s: Searches, args) -> None:
             cells += [pct(default["miou"]), pct(tuned["miou"])]
             if ds == "voc21":
                 p = cfg["params"]
-                knobs = ", ".join(f"{k}={p[k]}" for k in KNOBS[v] if k in p)
+                knobs = ", ".join(f"{k}={round(p[k], 3) if isinstance(p[k], float) else p[k]}"
+                                  for k in KNOBS[v] if k in p)
         print(f"| {v} | " + " | ".join(cells) + f" | {knobs} |", flush=True)
 
 
