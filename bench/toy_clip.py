@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from methods.clipseg import SEGMENTER
+from methods.clipseg.variants import DEFAULT_VARIANTS
 from methods.spec import load_method_spec
 from rewards.miou import MiouAccumulator
 from search.core.config import resolve
@@ -36,7 +37,7 @@ HELD_OUT_SEED = 20_261_207
 LAYOUTS = {"voc21": "voc", "context60": "context"}
 #: The geometry of the toy world (64 px model input): what --preset smoke sets.
 SETTINGS = {"short_side": 64, "window": 64, "stride": 32, "evidence_dtype": "float32"}
-VARIANTS = ("maskclip", "sclip", "clearclip", "naclip", "cra", "qk")
+VARIANTS = ("maskclip", "sclip", "clearclip", "naclip", "cra", "scclip", "qk")
 
 
 def heldout_root(dataset: str, n: int, base: Path) -> Path:
@@ -61,6 +62,10 @@ def heldout_scores(dataset: str, params_list: Sequence[Mapping[str, Any]], n: in
                    settings: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
     """mIoU and foreground pixel accuracy of each knob set (over the defaults) on the held-out
     set of ``dataset``; the evidence of each image is extracted once for all knob sets."""
+    wanted = {str(p["attention"]) for p in params_list if "attention" in p}
+    if wanted - set(DEFAULT_VARIANTS):          # scclip: extracted only when asked for
+        settings = {"variants": [*DEFAULT_VARIANTS, *sorted(wanted - set(DEFAULT_VARIANTS))],
+                    **(settings or {})}
     with tempfile.TemporaryDirectory() as tmp:
         ds = open_dataset(dataset, heldout_root(dataset, n, Path(base or tmp)))
         seg, defaults = segmenter(dataset, weights, settings)

@@ -104,7 +104,8 @@ def pct(x: float) -> str:
 
 def family(s: Searches, args) -> None:
     print(f"\n## Default vs tuned per variant ({args.trials} trials on {args.tune_images} "
-          f"scenes, seed 0; held-out mIoU % on {args.held_images} scenes)\n")
+          f"scenes, seed 0; held-out mIoU % on {args.held_images} scenes; in brackets: the "
+          f"tuned config with PAMR off)\n")
     print("| variant | VOC-like default | tuned | Context-like default | tuned "
           "| tuned knobs (VOC) |")
     print("|---|---|---|---|---|---|")
@@ -113,9 +114,10 @@ def family(s: Searches, args) -> None:
         for ds in ("voc21", "context60"):
             extra = variant_flags(v)
             cfg = s.run(f"family-{v}-{ds}", ds, *extra, trials=args.trials)
-            default, tuned = heldout_scores(ds, [{"attention": v}, cfg["params"]],
-                                            n=args.held_images)
-            cells += [pct(default["miou"]), pct(tuned["miou"])]
+            default, tuned, no_pamr = heldout_scores(
+                ds, [{"attention": v}, cfg["params"], {**cfg["params"], "pamr_steps": 0}],
+                n=args.held_images)
+            cells += [pct(default["miou"]), f"{pct(tuned['miou'])} ({pct(no_pamr['miou'])})"]
             if ds == "voc21":
                 p = cfg["params"]
                 knobs = ", ".join(f"{k}={round(p[k], 3) if isinstance(p[k], float) else p[k]}"
