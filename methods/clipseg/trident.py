@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from methods.base import Evidence
 from methods.clipseg.labels import upsample
 from methods.clipseg.proxy import proxy_window_outputs
-from methods.clipseg.windows import WindowGrid, linear_resize_matrix, mosaic
+from methods.clipseg.windows import WindowGrid, linear_resize_matrix
 
 
 def aligned_size(h: int, w: int, stride: int, crop: int) -> tuple[int, int]:
@@ -146,7 +146,7 @@ def sam_guidance_pass(predictor: Any, image: np.ndarray, patch: int = 16
 def guided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
            rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int],
            full: tuple[int, int], heads: int, cos_fac: float, refine_neg_cos: bool,
-           x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+           x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Y = G x with G of step 4 (N x N, rows summing to 1) never materialised: N x D float32.
 
     q, k, v: N x D (SAM's last block, valid tokens, heads concatenated); lse: heads x N, the
@@ -199,17 +199,21 @@ def guided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
 
 # --- decode ----------------------------------------------------------------------------------
 def trident_grid_features(ev: Evidence, params: Mapping[str, Any], heads_tables: Mapping[str,
-                          torch.Tensor], sam_heads: int, chunk: int = 128) -> torch.Tensor:
-    """Y = G X on SAM's grid, every part side by side: vh x sum(vw_p) x D float32."""
+                          torch.Tensor], sam_heads: int, chunk: int = 256) -> torch.Tensor:
+    """Y = G X on SAM's grid, every part side by side: vh x sum(vw_p) x D float32. X_p =
+    rows @ mosaic @ cols.p^T per channel, computed with the channels last (the layout G X
+    reads): the windows' blocks laid out as (A vh) x (B vw D), rows applied by one product,
+    cols.p by one batched product over SAM's rows."""
     t, meta = ev.tensors, ev.meta
     z, name = proxy_window_outputs(t, meta, params, pooled=True)        # W x P_v x D
     a, b = meta["grid"][:2]
     vh_v, vw_v = meta["proxy_cells"][name]
-    x = mosaic(z, a, b, vh_v, vw_v)                                    # D x A vh x B vw
+    dim = z.shape[-1]
+    z = z.view(a, b, vh_v, vw_v, dim).transpose(1, 2).reshape(a * vh_v, b * vw_v * dim)
+    x = (t[f"trident.rows.{name}"] @ z).view(-1, b * vw_v, dim)       # vh x B vw x D
     outs = []
     for p, (vh, vw) in enumerate(meta["sam_parts"]):
-        xp = upsample(x, t[f"trident.rows.{name}"], t[f"trident.cols.{name}.{p}"])  # vh D vw
-        xp = xp.permute(0, 2, 1).reshape(vh * vw, -1)
+        xp = torch.matmul(t[f"trident.cols.{name}.{p}"], x).view(vh * vw, dim)
         y = guided(t[f"sam.q.{p}"], t[f"sam.k.{p}"], t[f"sam.v.{p}"], t[f"sam.lse.{p}"],
                    heads_tables["sam.rel_pos_h"], heads_tables["sam.rel_pos_w"], (vh, vw),
                    tuple(meta["sam_full"]), sam_heads, float(params["cos_fac"]),
