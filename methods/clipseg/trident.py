@@ -12,7 +12,7 @@ attention as guidance (YuHengsss/Trident ``trident.py``, ``open_clip/transformer
    135-154); its last (global) block's per-head softmax attention P_h and values v_h on the
    valid grid (input size / 16). C_h = cos(v_h); tau_m = cos_fac mean_{h,n} C_h(m, n) (with
    ``refine_neg_cos`` false a negative tau becomes 0.6), capped at 0.9; G = rows of the head mean
-   of P_h [C_h > tau] normalised to sum 1 (``transformer.py`` 643-659; :func:`guidance`).
+   of P_h [C_h > tau] normalised to sum 1 (``transformer.py`` 643-659; :func:`guided`).
 5. Y = G X (no out_proj), ln_post, proj, cosine with the names on SAM's grid, bilinear to the
    image. Cityscapes (``sam_split: 2``): SAM on the left and right halves, one G each, the
    canvas split in two halves, the outputs side by side (``trident.py`` 141-152,
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from methods.base import Evidence
 from methods.clipseg.labels import upsample
 from methods.clipseg.proxy import proxy_window_outputs
-from methods.clipseg.windows import WindowGrid, linear_resize_matrix, mosaic
+from methods.clipseg.windows import WindowGrid, linear_resize_matrix
 
 
 def aligned_size(h: int, w: int, stride: int, crop: int) -> tuple[int, int]:
@@ -143,16 +143,22 @@ def sam_guidance_pass(predictor: Any, image: np.ndarray, patch: int = 16
             "full": [gh, gw], "embedding": predictor.features.detach().float().cpu()}
 
 
-def guidance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-             rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int],
-             full: tuple[int, int], heads: int, cos_fac: float, refine_neg_cos: bool,
-             chunk: int = 128) -> torch.Tensor:
-    """G of step 4: N x N float32, rows summing to 1.
+def guided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+           rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int],
+           full: tuple[int, int], heads: int, cos_fac: float, refine_neg_cos: bool,
+           x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Y = G x with G of step 4 (N x N, rows summing to 1) never materialised: N x D float32.
 
     q, k, v: N x D (SAM's last block, valid tokens, heads concatenated); lse: heads x N, the
     log-sum-exp of each row's logits over SAM's ``full`` grid; rel_pos_h / _w: the block's
-    relative position tables. P_h(m, n) = exp(scale q_m.k_n + q_m.Rh[m_y, n_y] + q_m.Rw[m_x, n_x]
-    - lse_m) (SAM's softmax, read at the valid keys); C_h = cos(v_h(m), v_h(n)).
+    relative position tables; x: N x D. P_h(m, n) = exp(scale q_m.k_n + q_m.Rh[m_y, n_y] +
+    q_m.Rw[m_x, n_x] - lse_m) (SAM's softmax, read at the valid keys); C_h = cos(v_h(m), v_h(n)).
+
+    Per chunk of rows and head: one product for the logits, the two relative terms added in
+    place on its rows x vh x vw view, exp; one product for C_h, turned into its 0 / 1 mask in
+    place (``gt_``); the masked P_h accumulated by one ``addcmul_``. A chunk's rows of G x are
+    (acc x) / rowsum(acc): G's rows are a row scaling of acc. No N x N tensor is allocated
+    (L - lse <= 0 up to rounding, so exp never overflows and 0 x exp is 0).
     """
     from segment_anything.modeling.image_encoder import get_rel_pos
 
@@ -173,42 +179,46 @@ def guidance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tenso
     if not refine_neg_cos:
         tau = torch.where(tau < 0.0, torch.full_like(tau, 0.6), tau)
     tau = torch.where(tau > 0.9, torch.full_like(tau, 0.9), tau)[:, None]
-    scale = d ** -0.5
-    out = torch.empty(n, n)
-    acc = torch.empty(chunk, n)
-    p = torch.empty(chunk, n)
-    c = torch.empty(chunk, n)
+    qs = qh * d ** -0.5
+    x = x.float()
+    out = torch.empty(n, x.shape[1])
+    chunk = min(chunk, n)
+    acc, p, c = torch.empty(chunk, n), torch.empty(chunk, n), torch.empty(chunk, n)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         a = acc[:e - s].zero_()
         for h in range(heads):
-            rel = (rel_h[h, s:e, :, None] + rel_w[h, s:e, None, :]).view(e - s, n)
-            ps = torch.addmm(rel, qh[h, s:e] * scale, kt[h], out=p[:e - s])   # log P_h
-            ps.exp_()
-            cs = torch.mm(vn[h, s:e], vt[h], out=c[:e - s])
-            a.add_(ps.masked_fill_(cs <= tau[s:e], 0.0))
-        out[s:e] = a / a.sum(-1, keepdim=True)
+            ps = torch.mm(qs[h, s:e], kt[h], out=p[:e - s])            # scale q.k
+            ps.view(e - s, vh, vw).add_(rel_h[h, s:e, :, None]).add_(rel_w[h, s:e, None, :])
+            ps.exp_()                                                  # P_h rows
+            cs = torch.mm(vn[h, s:e], vt[h], out=c[:e - s]).gt_(tau[s:e])  # [C_h > tau]
+            a.addcmul_(ps, cs)
+        torch.mm(a, x, out=out[s:e]).div_(a.sum(-1, keepdim=True))
     return out
 
 
 # --- decode ----------------------------------------------------------------------------------
 def trident_grid_features(ev: Evidence, params: Mapping[str, Any], heads_tables: Mapping[str,
-                          torch.Tensor], sam_heads: int, chunk: int = 128) -> torch.Tensor:
-    """Y = G X on SAM's grid, every part side by side: vh x sum(vw_p) x D float32."""
+                          torch.Tensor], sam_heads: int, chunk: int = 256) -> torch.Tensor:
+    """Y = G X on SAM's grid, every part side by side: vh x sum(vw_p) x D float32. X_p =
+    rows @ mosaic @ cols.p^T per channel, computed with the channels last (the layout G X
+    reads): the windows' blocks laid out as (A vh) x (B vw D), rows applied by one product,
+    cols.p by one batched product over SAM's rows."""
     t, meta = ev.tensors, ev.meta
     z, name = proxy_window_outputs(t, meta, params, pooled=True)        # W x P_v x D
     a, b = meta["grid"][:2]
     vh_v, vw_v = meta["proxy_cells"][name]
-    x = mosaic(z, a, b, vh_v, vw_v)                                    # D x A vh x B vw
+    dim = z.shape[-1]
+    z = z.view(a, b, vh_v, vw_v, dim).transpose(1, 2).reshape(a * vh_v, b * vw_v * dim)
+    x = (t[f"trident.rows.{name}"] @ z).view(-1, b * vw_v, dim)       # vh x B vw x D
     outs = []
     for p, (vh, vw) in enumerate(meta["sam_parts"]):
-        xp = upsample(x, t[f"trident.rows.{name}"], t[f"trident.cols.{name}.{p}"])  # vh D vw
-        xp = xp.permute(0, 2, 1).reshape(vh * vw, -1)
-        g = guidance(t[f"sam.q.{p}"], t[f"sam.k.{p}"], t[f"sam.v.{p}"], t[f"sam.lse.{p}"],
-                     heads_tables["sam.rel_pos_h"], heads_tables["sam.rel_pos_w"], (vh, vw),
-                     tuple(meta["sam_full"]), sam_heads, float(params["cos_fac"]),
-                     bool(params["refine_neg_cos"]), chunk)
-        outs.append((g @ xp).view(vh, vw, -1))
+        xp = torch.matmul(t[f"trident.cols.{name}.{p}"], x).view(vh * vw, dim)
+        y = guided(t[f"sam.q.{p}"], t[f"sam.k.{p}"], t[f"sam.v.{p}"], t[f"sam.lse.{p}"],
+                   heads_tables["sam.rel_pos_h"], heads_tables["sam.rel_pos_w"], (vh, vw),
+                   tuple(meta["sam_full"]), sam_heads, float(params["cos_fac"]),
+                   bool(params["refine_neg_cos"]), xp, chunk)
+        outs.append(y.view(vh, vw, -1))
     return torch.cat(outs, dim=1)
 
 
