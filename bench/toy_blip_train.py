@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench.toy_clip_train import commit
+from bench.toy_clip_train import commit, optimiser
 from methods.pnp.backbone import CLIP_MEAN, CLIP_STD, TINY_DEFAULTS, tiny_config, tiny_tokenizer
 from methods.pnp.text import class_text
 from search.data.synthetic import STYLES, scene
@@ -162,13 +162,8 @@ def train(recipe: dict, log_every: int = 50, init_out: Path | None = None
         save_model(model, tok, {"recipe": recipe, "steps_trained": 0}, init_out)
     logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
     params = [*model.named_parameters(), ("logit_scale", logit_scale)]
-    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
-                             {"params": rest, "weight_decay": 0.0}], lr=recipe["lr"])
-    steps, warmup = int(recipe["steps"]), int(recipe["warmup"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + np.cos(np.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup)))))
+    opt, sched = optimiser(params, recipe, "embed")
+    steps = int(recipe["steps"])
     rng = np.random.default_rng(int(recipe["seed"]))
     prefix = recipe["prompt_prefix"]
     model.train()
@@ -194,7 +189,8 @@ def train(recipe: dict, log_every: int = 50, init_out: Path | None = None
     meta = {"recipe": recipe, "steps_trained": steps,
             "seconds": round(time.perf_counter() - t0, 1),
             "final_itc": round(float(avg[0]), 4), "final_itm": round(float(avg[1]), 4),
-            "torch": torch.__version__, "script": "bench/toy_blip_train.py", "commit": commit()}
+            "torch": torch.__version__, "script": "bench/toy_blip_train.py",
+            "commit": commit(("bench/toy_blip_train.py", "search/data/synthetic.py"))}
     return model, tok, meta
 
 

@@ -88,19 +88,34 @@ def tensor_sha256(state: dict[str, torch.Tensor]) -> str:
 SOURCES = ("bench/toy_clip_train.py", "search/data/synthetic.py")
 
 
-def commit() -> str:
-    """The last commit of :data:`SOURCES`, ``+dirty`` when either differs from it."""
+def commit(sources: tuple[str, ...] = SOURCES) -> str:
+    """The last commit of ``sources`` (default :data:`SOURCES`), ``+dirty`` when one of them
+    differs from it."""
     repo = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     try:
-        head = git("log", "-1", "--format=%H", "--", *SOURCES)
-        dirty = git("status", "--porcelain", "--", *SOURCES)
+        head = git("log", "-1", "--format=%H", "--", *sources)
+        dirty = git("status", "--porcelain", "--", *sources)
     except OSError:
         return "?"
     return (head or "?") + ("+dirty" if dirty else "")
+
+
+def optimiser(params: list[tuple[str, torch.nn.Parameter]], recipe: dict, no_decay: str
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with weight decay on the matrices (names without ``no_decay``) and a linear
+    warm-up then cosine decay over ``recipe["steps"]`` (the toy CLIP's and the toy BLIP's)."""
+    decay = [p for n, p in params if p.ndim >= 2 and no_decay not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and no_decay not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
+                             {"params": rest, "weight_decay": 0.0}], lr=recipe["lr"])
+    steps, warmup = int(recipe["steps"]), int(recipe["warmup"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + np.cos(np.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup)))))
+    return opt, sched
 
 
 def train(recipe: dict, log_every: int = 50) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -115,13 +130,8 @@ def train(recipe: dict, log_every: int = 50) -> tuple[dict[str, torch.Tensor], d
     templates = list(open_clip.OPENAI_IMAGENET_TEMPLATES)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
-                             {"params": rest, "weight_decay": 0.0}], lr=recipe["lr"])
-    steps, warmup = int(recipe["steps"]), int(recipe["warmup"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + np.cos(np.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup)))))
+    opt, sched = optimiser(list(model.named_parameters()), recipe, "embedding")
+    steps = int(recipe["steps"])
     rng = np.random.default_rng(int(recipe["seed"]))
     model.train()
     t0, loss_avg = time.perf_counter(), None
