@@ -90,8 +90,7 @@ class Searches:
     def trials(self, name: str, dataset: str) -> tuple[list[dict[str, float]], dict]:
         """The search's trials' metrics in trial order, and the parent run's metrics."""
         client, parent = self.parent(name, dataset)
-        exp = client.get_experiment_by_name(f"clipseg/toy-clip/{dataset}")
-        kids = client.search_runs([exp.experiment_id],
+        kids = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                   max_results=1000)
         kids.sort(key=lambda r: int(r.data.tags.get("ovss_trial_number", 0)))

@@ -45,9 +45,8 @@ def shipped_path(name: str) -> Path:
     """The file of shipped weights ``name``; OvssError naming the ones there are."""
     p = SHIPPED_DIR / f"{name}.safetensors"
     if "/" in str(name) or not p.is_file():
-        have = sorted(f.stem for f in SHIPPED_DIR.glob("*.safetensors"))
         raise OvssError(f"shipped weights {name!r} not found in {SHIPPED_DIR} "
-                        f"(shipped: {', '.join(have) or 'none'})")
+                        f"(shipped: {', '.join(shipped_names()) or 'none'})")
     return p
 
 
@@ -84,8 +83,6 @@ def load_tiny_weights(model: torch.nn.Module, path: str | Path, tiny: Mapping[st
         state = {k: v.float() for k, v in load_file(str(p)).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise OvssError(f"tiny weights {p}: not a safetensors file ({str(e)[:120]})") from None
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
     want = json.loads(meta.get("tiny", "null"))
     if want != dict(tiny):
         raise OvssError(f"weights {name!r} were trained for tiny config {want}, "
