@@ -35,8 +35,6 @@ TINY_DEFAULTS: dict[str, int] = {
 TINY_EXTRAS = ("quick_gelu", "vision", "text")
 
 
-_TINY_DIR: Path | None = None
-
 #: Where shipped weights live: ``shipped: NAME`` reads ``SHIPPED_DIR / f"{NAME}.safetensors"``.
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -100,7 +98,6 @@ def tiny_model_name(tiny: Mapping[str, Any], register: bool = True) -> str:
     ``tiny`` overrides :data:`TINY_DEFAULTS`. The JSON has the same schema as open_clip's own
     ``model_configs/*.json`` (vision ``head_width`` = width / heads).
     """
-    global _TINY_DIR
     unknown = set(tiny) - set(TINY_DEFAULTS) - set(TINY_EXTRAS)
     if unknown:
         raise OvssError(f"tiny backbone: unknown field(s) {sorted(unknown)}; "
@@ -131,11 +128,12 @@ def tiny_model_name(tiny: Mapping[str, Any], register: bool = True) -> str:
                          "width": c["text_width"], "heads": c["text_heads"],
                          "layers": c["text_layers"], **dict(extras.get("text", {}))},
         }
-        if _TINY_DIR is None:
-            _TINY_DIR = Path(tempfile.mkdtemp(prefix="ovss-openclip-"))
-        path = _TINY_DIR / f"{name}.json"
-        path.write_text(json.dumps(cfg))
-        open_clip.add_model_config(path)
+        # open_clip reads the file when it is added and keeps the config in memory; the file
+        # and its folder go at once (a later rescan skips a path that is no longer there).
+        with tempfile.TemporaryDirectory(prefix="ovss-openclip-") as tmp:
+            path = Path(tmp) / f"{name}.json"
+            path.write_text(json.dumps(cfg))
+            open_clip.add_model_config(path)
     return name
 
 

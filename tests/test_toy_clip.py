@@ -125,3 +125,19 @@ def test_pnp_presence_on_the_toy_clip_names_the_classes_in_the_scene(tmp_path):
         tp, fp, fn = tp + len(got & want), fp + len(got - want), fn + len(want - got)
     assert tp / (tp + fp) >= 0.8 and tp / (tp + fn) >= 0.4, (tp, fp, fn)
     assert weights_identity({"presence_model": "toy-clip"})["presence_model"]["shipped"]["sha256"]
+
+
+def test_a_tiny_config_leaves_no_file_behind(tmp_path, monkeypatch):
+    """Registering a tiny config with open_clip writes its JSON to a temp folder; the folder goes
+    once open_clip has read it (every test and trial process used to leave one in /tmp), and the
+    model still builds from the registered name afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tiny = {"layers": 1, "width": 48, "heads": 3}   # a config no other test registers
+    model, name = load_clip({"name": "t", "tiny": tiny}, seed=0, device="cpu")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ovss-")] == []
+    again, same = load_clip({"name": "t", "tiny": tiny}, seed=0, device="cpu")
+    assert same == name and len(model.visual.transformer.resblocks) == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
