@@ -18,8 +18,13 @@
 # as in MLflow's --allowed-hosts) names the hosts clients use, e.g. MLFLOW_ALLOWED_HOSTS=mlflow
 # for --tracking-uri http://mlflow:5000. On a non-loopback MLFLOW_HOST it defaults to "mlflow"
 # and this machine's host names. localhost and private IPs stay allowed either way.
+#
+# MLflow's job runner (huey consumers for its GenAI jobs) stays off: ovss-tune uses none of it,
+# and it costs ~20 CPU-s and 8 processes at each start (bench/mlflow_server.py). Set
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 HOST=${MLFLOW_HOST:-127.0.0.1}
 PORT=${MLFLOW_PORT:-5000}
 BACKEND=${MLFLOW_BACKEND:-sqlite:///$PWD/mlflow.db}

@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from search.core.console import MLFLOW_SERVER_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -93,6 +95,24 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     proc.wait()
 
 
+def group_commands(pgid: int) -> list[str]:
+    """Command lines of the live processes in process group ``pgid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            st = (d / "stat").read_text()
+            if int(st[st.rfind(")") + 2:].split()[2]) == pgid:
+                found.append((d / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def job_runner(pgid: int) -> list[str]:
+    """The processes of MLflow's job runner (and its huey consumers) in group ``pgid``."""
+    return [c for c in group_commands(pgid) if "mlflow.server.jobs" in c or "huey" in c]
+
+
 def mlflow_server(tmp: Path, backend_uri: str, env: dict[str, str] | None = None,
                   timeout: float = 120.0, extra: list[str] | None = None
                   ) -> tuple[str, subprocess.Popen]:
@@ -110,7 +130,8 @@ def mlflow_server(tmp: Path, backend_uri: str, env: dict[str, str] | None = None
            "--workers", "1", "--backend-store-uri", backend_uri,
            "--artifacts-destination", str(tmp / "mlartifacts"), "--serve-artifacts",
            *(extra or [])]
-    proc = start(cmd, log, env)
+    # without MLflow's job runner, as ovss-tune's own servers (search.core.console)
+    proc = start(cmd, log, {**MLFLOW_SERVER_ENV, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", proc, log, timeout)
     return url, proc

@@ -78,7 +78,7 @@ def _runs_in_a_fresh_shell(out: list[str], workdir) -> None:
     import shlex
     import subprocess
 
-    from tests.servers import free_port, http_status, stop
+    from tests.servers import free_port, http_status, job_runner, stop
 
     # A fresh shell: no virtual environment on PATH; only the test method's registration
     # (tests/conftest.py: the toy method lives in tests/) comes along.
@@ -104,6 +104,7 @@ def _runs_in_a_fresh_shell(out: list[str], workdir) -> None:
             time.sleep(1)
             status = http_status(page, timeout=20)
         assert status == 200, (workdir / "ui.log").read_text()[-2000:]
+        assert job_runner(proc.pid) == []   # the printed UI command leaves MLflow's job runner off
     finally:
         stop(proc)
         log.close()

@@ -13,6 +13,7 @@ from tests.servers import (
     REPO,
     free_port,
     http_status,
+    job_runner,
     mlflow_bin,
     mlflow_server,
     pg_bindir,
@@ -47,6 +48,7 @@ def _start_script(tmp_path, allowed: str | None):
 def test_mlflow_server_sh_allows_named_host_only(tmp_path):
     url, port, proc = _start_script(tmp_path, "mlflow")
     try:
+        assert job_runner(proc.pid) == []       # the script starts MLflow without its job runner
         assert http_status(url + API, host=f"mlflow:{port}") == 200
         assert http_status(url + API, host="mlflow") == 200
         assert http_status(url + API, host=f"127.0.0.1:{port}") == 200  # loopback still works

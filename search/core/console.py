@@ -72,6 +72,21 @@ def mlflow_command(*args: str) -> str:
     return shlex.join([*head, *map(str, args)])
 
 
+#: MLflow 3's server starts a job runner (huey consumers for its GenAI jobs: scorers, trace
+#: rollups) beside the app; an ovss-tune record uses none of it, and the runner costs ~20 CPU-s
+#: and 8 more processes at each start (26.1 vs 5.7 CPU-s from the start to 8 s after /health
+#: answers, /health after 7.9 vs 5.7 s, 2-core machine: `python bench/mlflow_server.py`).
+#: The servers and UIs that ovss-tune starts or prints go without it.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_command(*args: str) -> str:
+    """:func:`mlflow_command` for ``mlflow ui`` / ``mlflow server``, run through ``env`` with
+    :data:`MLFLOW_SERVER_ENV` (where the user set one of its variables, their value)."""
+    env = [f"{k}={os.environ.get(k, v)}" for k, v in MLFLOW_SERVER_ENV.items()]
+    return shlex.join(["env", *env]) + " " + mlflow_command(*args)
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """Keep the libraries' chatter off for the rest of this process unless ``verbose``
     (module docstring). Warnings and errors of every library still show."""

@@ -184,11 +184,12 @@ def ui_link(tracking_uri: str, experiment_id: str) -> tuple[str, str | None]:
     last choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag:
     the link names the view, and a local UI is started with ``--app-name ovss``
     (:mod:`search.mlflow_app`), which opens runs tables without it. The command runs as printed
-    (:func:`search.core.console.mlflow_command`)."""
-    from search.core.console import mlflow_command
+    (:func:`search.core.console.mlflow_server_command`)."""
+    from search.core.console import mlflow_server_command
 
     page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{page}", None
     return (f"http://127.0.0.1:5000/{page}",
-            mlflow_command("ui", "--app-name", "ovss", "--backend-store-uri", tracking_uri))
+            mlflow_server_command("ui", "--app-name", "ovss", "--backend-store-uri",
+                                  tracking_uri))
