@@ -22,9 +22,17 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """The Ray every in-process search of a test process joins. One CPU: those searches run one
+    trial (one Tune actor, a Ray worker process of its own) and one extraction task at a time.
+    Each Tune actor is a fresh process (~4 CPU-s of imports: Ray, torch, Tune), and a search on
+    two CPUs starts two: 15.5 vs 7.8 CPU-s, 10.2 vs 6.6 s for a 6-trial toy search on this
+    2-core machine, and the suite is CPU-bound. Concurrent trials and extraction are tested by
+    the searches that start their own Ray (two CPUs): tests/test_faults.py's killed drivers,
+    test_outage, test_console, test_search_e2e's Ctrl-C, test_gpu_packing (eight trials at
+    once) and test_cluster (two nodes)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
     ray.shutdown()
