@@ -38,9 +38,30 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """An MLflow sqlite store as a search's first connection leaves it: every migration applied,
+    nothing logged (its Default experiment only)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, request):
+    """The test's working directory (a search's default store, cache and Tune state go there).
+
+    Marked ``ready_store``: it starts with a copy of :func:`empty_store` as ``mlflow.db``, so the
+    search opens a store instead of creating it: MLflow's ~60 schema migrations cost ~1.8 CPU-s,
+    a fifth of a small search here. Tests that check what a first connection does, or that a
+    refused input leaves no store, start without one (unmarked)."""
     monkeypatch.chdir(tmp_path)
+    if request.node.get_closest_marker("ready_store"):
+        import shutil
+
+        shutil.copyfile(request.getfixturevalue("empty_store"), tmp_path / "mlflow.db")
     return tmp_path
 
 

@@ -262,6 +262,7 @@ def test_sclip_area_rule_matches_loops():
 
 # --- a search over the variants, its export, and inference with each variant ----------------
 @pytest.mark.slow
+@pytest.mark.ready_store
 def test_smoke_search_samples_the_variants_exports_and_infers(ray_session, workdir):
     import yaml
     from mlflow.tracking import MlflowClient

@@ -190,6 +190,7 @@ def test_aligned_size_is_preprocess_image(size):
 
 # --- a search over cra, proxyclip and trident, its export, inference of each exported variant
 @pytest.mark.slow
+@pytest.mark.ready_store
 def test_smoke_second_search_samples_the_new_variants_exports_and_infers(ray_session, workdir):
     import yaml
     from mlflow.tracking import MlflowClient

@@ -55,6 +55,7 @@ def direct_scores(root, params, dataset="voc21", n=None, ids=None):
     return sum(ious) / len(ious), right / total, per
 
 
+@pytest.mark.ready_store
 def test_evaluate_with_paper_baseline(ray_session, workdir, voc_root, capsys):
     cfg = tuned_config(workdir / "tuned.yaml")
     rc = evaluate_main(["--config", str(cfg), "--dataset", "voc21", "--data-root", str(voc_root),
@@ -95,6 +96,7 @@ def test_evaluate_with_paper_baseline(ray_session, workdir, voc_root, capsys):
     print(out)
 
 
+@pytest.mark.ready_store
 def test_evaluate_max_images(ray_session, workdir, voc_root, capsys):
     cfg = tuned_config(workdir / "tuned.yaml")
     rc = evaluate_main(["--config", str(cfg), "--dataset", "voc21", "--data-root", str(voc_root),
@@ -149,6 +151,7 @@ def test_holdout_count():
 
 
 @pytest.mark.slow
+@pytest.mark.ready_store
 def test_real_method_smoke_clipseg_tiny(ray_session, workdir, voc_root, capsys):
     """The real CLIP CRA+DSI method (tiny random-weight backbone): evaluate --baseline paper
     agrees with whole-image segment() calls counted directly."""

@@ -11,6 +11,7 @@ from search.run import main as run_main
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.ready_store
 def test_two_backbones_one_session(ray_session, workdir, tmp_path_factory, capsys):
     from search.data.synthetic import make_dataset
 

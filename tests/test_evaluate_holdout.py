@@ -28,6 +28,7 @@ def _direct(root, params, ids):
     return direct_scores(root, params, ids=ids)[0]
 
 
+@pytest.mark.ready_store
 def test_default_holdout_is_a_fifth_and_scored(ray_session, workdir, voc20_root, capsys):
     rc = run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(voc20_root),
                    "--num-samples", "6", "--rungs", "2", "--seed", "1"])

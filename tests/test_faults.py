@@ -87,6 +87,7 @@ def _check_record(workdir, n):
 
 
 @pytest.mark.parametrize("fault", ["before_tuning", "during_tuning", "after_tuning"])
+@pytest.mark.ready_store
 def test_driver_sigkill_then_resume_keeps_one_run_per_trial(ray_session, workdir, voc_root,
                                                             fault):
     n = 10
@@ -108,6 +109,7 @@ def test_driver_sigkill_then_resume_keeps_one_run_per_trial(ray_session, workdir
     assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+@pytest.mark.ready_store
 def test_resume_of_a_finished_search_is_refused_before_ray(ray_session, workdir, voc_root,
                                                            capsys, monkeypatch):
     argv = _argv(voc_root, "done", 4)
@@ -131,6 +133,7 @@ def test_resume_of_a_finished_search_is_refused_before_ray(ray_session, workdir,
     assert "no search named 'never-ran'" in capsys.readouterr().err
 
 
+@pytest.mark.ready_store
 def test_killed_trial_and_extraction_workers_are_retried(ray_session, workdir, voc_root):
     trial_flag, extract_flag = workdir / "kill-trial", workdir / "kill-extract"
     trial_flag.write_text("1")
@@ -145,6 +148,7 @@ def test_killed_trial_and_extraction_workers_are_retried(ray_session, workdir, v
     assert {c.info.status for c in trials} == {"FINISHED"}
 
 
+@pytest.mark.ready_store
 def test_a_trial_that_fails_for_good_is_failed_with_its_error(ray_session, workdir, voc_root):
     flag = workdir / "crash"
     flag.write_text("1")

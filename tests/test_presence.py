@@ -28,6 +28,7 @@ def _extract_presents(workdir) -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["model", "ground_truth"])
+@pytest.mark.ready_store
 def test_presence_source_decides_what_extract_gets(ray_session, workdir, voc_root, source):
     argv = ["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
             "--num-samples", "3", "--rungs", "1"]

@@ -150,6 +150,7 @@ def straight_full_miou(voc_root, params):
 
 
 @pytest.mark.slow
+@pytest.mark.ready_store
 def test_rerank_search_exports_the_full_pipeline_winner(ray_session, workdir, voc_root,
                                                         toy_conf, capsys):
     from mlflow.tracking import MlflowClient
@@ -194,6 +195,7 @@ def test_rerank_search_exports_the_full_pipeline_winner(ray_session, workdir, vo
 
 
 @pytest.mark.slow
+@pytest.mark.ready_store
 def test_pnp_smoke_rerank_prints_the_correlation(ray_session, workdir, capsys):
     """On the tests' data: the proxy (D = 1) trials, then the full smoke pipeline (D = 2)."""
     assert run_main(["--method", "pnp", "--preset", "smoke", "--num-samples", "6",

@@ -22,6 +22,7 @@ def _runs(workdir):
     return parent, trials
 
 
+@pytest.mark.ready_store
 def test_clip_reward_search_reads_no_dense_label(ray_session, workdir, voc_root):
     root = workdir / "voc"
     shutil.copytree(voc_root, root)
@@ -59,6 +60,7 @@ def test_dense_labels_are_refused_in_image_label_mode(voc_root):
         data.label(0)
 
 
+@pytest.mark.ready_store
 def test_fidelity_report_on_parent_run(ray_session, workdir, voc_root):
     # the toy CLIP (trained on generated scenes): its reward ranks the trials' masks
     assert run_main(["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),

@@ -89,6 +89,7 @@ def test_scclip_protocol_holds_the_official_values():
 
 # --- a search that samples scclip and PAMR, its export, and inference --------------------------
 @pytest.mark.slow
+@pytest.mark.ready_store
 def test_smoke_search_samples_scclip_and_pamr_exports_and_infers(ray_session, workdir):
     import yaml
     from mlflow.tracking import MlflowClient

@@ -23,6 +23,7 @@ def _search(workdir, voc_root, *extra):
                      "--num-samples", "10", "--rungs", "3", "--seed", "3", *extra])
 
 
+@pytest.mark.ready_store
 def test_search_logs_everything_and_exports(ray_session, workdir, voc_root, capsys):
     assert _search(workdir, voc_root) == 0
     out = capsys.readouterr().out
@@ -128,6 +129,7 @@ def test_cli_help_documents_every_flag():
         assert flag in out
 
 
+@pytest.mark.ready_store
 def test_resume_reruns_failed_trials_into_the_same_runs(ray_session, workdir, voc_root):
     flag = workdir / "crash"
     flag.write_text("1")
@@ -167,6 +169,7 @@ def _read_so_far(proc) -> str:
     return proc.seen
 
 
+@pytest.mark.ready_store
 def test_ctrl_c_leaves_no_run_running(workdir, voc_root):
     import os
     import signal

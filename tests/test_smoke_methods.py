@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.ready_store
 def test_smoke_search_exports_and_infers(method, ray_session, workdir, capsys):
     # clipseg's is then scored on held-out scenes: a search whose best config does not depend on
     # the order trials finish (random sampler: the i-th trial depends on the seed only; one rung:

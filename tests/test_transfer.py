@@ -19,6 +19,7 @@ def ade_root(tmp_path_factory):
     return make_dataset("ade20k", tmp_path_factory.mktemp("ade"), n=4, seed=0)
 
 
+@pytest.mark.ready_store
 def test_voc_config_tested_on_ade(ray_session, workdir, voc_root, ade_root, capsys):
     a = tuned_config(workdir / "a.yaml")
     b = tuned_config(workdir / "b.yaml", ADE_TUNED, dataset="ade20k")
