@@ -34,6 +34,7 @@ def _events(monkeypatch) -> list[str]:
     return events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("holdout_n, before", [(0, "_plots"), (2, "log_tuned_model")])
 @pytest.mark.ready_store
 def test_ray_stops_once_nothing_needs_it(ray_session, workdir, monkeypatch, capsys, holdout_n,
