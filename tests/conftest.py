@@ -71,11 +71,3 @@ def voc_root(tmp_path_factory):
 
     return make_dataset("voc", tmp_path_factory.mktemp("voc"), n=8, seed=0)
 
-
-def pytest_collection_modifyitems(session, config, items):
-    """Modules with slow (end-to-end) tests run first, each module's tests together and in their
-    order: the two xdist processes then share out the long tests early, and the suite ends on
-    short ones instead of one process finishing a long search while the other waits."""
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (item.module.__name__ not in slow_modules, order[id(item)]))
