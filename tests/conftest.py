@@ -24,12 +24,12 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 def ray_session():
     """The Ray every in-process search of a test process joins. One CPU: those searches run one
     trial (one Tune actor, a Ray worker process of its own) and one extraction task at a time.
-    Each Tune actor is a fresh process (~4 CPU-s of imports: Ray, torch, Tune), and a search on
-    two CPUs starts two: 15.5 vs 7.8 CPU-s, 10.2 vs 6.6 s for a 6-trial toy search on this
-    2-core machine, and the suite is CPU-bound. Concurrent trials and extraction are tested by
-    the searches that start their own Ray (two CPUs): tests/test_faults.py's killed drivers,
-    test_outage, test_console, test_search_e2e's Ctrl-C, test_gpu_packing (eight trials at
-    once) and test_cluster (two nodes)."""
+    Each Tune actor is a fresh process (~3-4 CPU-s of imports: Ray, torch, Tune), and a search on
+    two CPUs starts two: 17.2 vs 10.7 CPU-s, 11.0 vs 8.4 s for a 6-trial toy search on this
+    2-core machine (`python bench/search_floor.py`), and the suite is CPU-bound. Concurrent
+    trials and extraction are tested by the searches that start their own Ray (two CPUs):
+    tests/test_faults.py's killed drivers, test_outage, test_console, test_search_e2e's Ctrl-C,
+    test_gpu_packing (eight trials at once) and test_cluster (two nodes)."""
     import ray
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
@@ -54,9 +54,9 @@ def workdir(tmp_path, monkeypatch, request):
     """The test's working directory (a search's default store, cache and Tune state go there).
 
     Marked ``ready_store``: it starts with a copy of :func:`empty_store` as ``mlflow.db``, so the
-    search opens a store instead of creating it: MLflow's ~60 schema migrations cost ~1.8 CPU-s,
-    a fifth of a small search here. Tests that check what a first connection does, or that a
-    refused input leaves no store, start without one (unmarked)."""
+    search opens a store instead of creating it, without MLflow's schema migrations: 9.7 vs
+    10.7 CPU-s for a 6-trial toy search (`python bench/search_floor.py`). Tests that check what
+    a first connection does, or that a refused input leaves no store, start without one."""
     monkeypatch.chdir(tmp_path)
     if request.node.get_closest_marker("ready_store"):
         import shutil
