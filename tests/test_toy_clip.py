@@ -141,3 +141,22 @@ def test_a_tiny_config_leaves_no_file_behind(tmp_path, monkeypatch):
     assert same == name and len(model.visual.transformer.resblocks) == 1
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  again.state_dict().values()))
+
+
+def test_pnp_tiny_presence_model_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The same for pnp's tiny presence CLIP (registered the first time a filter needs it)."""
+    import tempfile
+
+    import open_clip
+    from open_clip import factory
+
+    from methods.pnp.presence import build_presence_filter
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in [n for n in open_clip.list_models() if n.startswith("ovss-pnp-")]:
+        monkeypatch.delitem(factory._MODEL_CONFIGS, name)   # registered again here
+    keep = build_presence_filter({"presence": "clip", "presence_model": "tiny",
+                                  "presence_threshold": 0.5, "seed": 0})
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ovss-")] == []
+    assert any(n.startswith("ovss-pnp-") for n in open_clip.list_models())
+    assert callable(keep)

@@ -114,9 +114,11 @@ def _register_tiny() -> None:
 
     if _TINY_NAME in open_clip.list_models():
         return
-    path = Path(tempfile.mkdtemp(prefix="ovss-pnp-")) / f"{_TINY_NAME}.json"
-    path.write_text(json.dumps(_TINY))
-    open_clip.add_model_config(path)
+    # open_clip keeps the config once it read the file: the file and its folder go at once
+    with tempfile.TemporaryDirectory(prefix="ovss-pnp-") as tmp:
+        path = Path(tmp) / f"{_TINY_NAME}.json"
+        path.write_text(json.dumps(_TINY))
+        open_clip.add_model_config(path)
 
 
 def build_presence_filter(settings: Mapping[str, Any], device: str = "cpu") -> PresenceFilter:
