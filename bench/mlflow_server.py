@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -78,6 +79,7 @@ def _one(jobs: bool, settle: float) -> tuple[float, float, int]:
         except ProcessLookupError:
             pass
         proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     return up, sum(seen.values()), len(seen)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -25,9 +26,13 @@ def own_processes(marker: str) -> list[int]:
     return pids
 
 
-def kill_own(marker: str) -> None:
+def kill_own(marker: str, remove: bool = False) -> None:
+    """SIGKILL the processes of :func:`own_processes`; ``remove``: then remove the folder
+    ``marker`` too (a temp dir the test made: Ray's sessions, a server's store)."""
     for pid in own_processes(marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if remove:
+        shutil.rmtree(marker, ignore_errors=True)

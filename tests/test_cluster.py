@@ -5,6 +5,7 @@ preflight that refuses a dead tracking server or a wrong --address in seconds, b
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,7 @@ def test_search_on_a_two_node_cluster_uses_both_nodes(workdir, voc_root):
             cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
-        kill_own(tmp)
+        kill_own(tmp, remove=True)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("toy/tiny/voc21")
     runs = client.search_runs([exp.experiment_id])
@@ -116,6 +117,7 @@ def test_search_logs_to_an_mlflow_server_over_http_and_exports(ray_session, work
         assert "provenance" in out.read_text()
     finally:
         stop(proc)
+        shutil.rmtree(server_dir, ignore_errors=True)
 
 
 def _args(**kw):

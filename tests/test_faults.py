@@ -66,7 +66,7 @@ def _kill_driver_at(workdir, argv, fault: str | None, env_extra=None, min_trials
         proc.kill()
         proc.wait(timeout=30)
     finally:
-        kill_own(tmp)
+        kill_own(tmp, remove=True)
         proc.stderr.close()
     return seen
 

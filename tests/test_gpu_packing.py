@@ -67,7 +67,8 @@ def _search(workdir: Path, log: Path, barrier: Path) -> subprocess.CompletedProc
         return subprocess.run([sys.executable, "-m", "search.run", *argv], cwd=workdir, env=env,
                               capture_output=True, text=True, timeout=240)
     finally:
-        kill_own(tmp)      # whatever of its Ray is left (nothing, when it stopped cleanly)
+        kill_own(tmp, remove=True)   # whatever of its Ray is left (nothing, when it stopped
+                                     # cleanly), and its temp dir
 
 
 def test_logical_gpus_pack_two_extractions_and_eight_trials(tmp_path):

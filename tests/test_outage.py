@@ -5,6 +5,7 @@ nothing)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,3 +98,4 @@ def test_server_killed_mid_search_then_sync(workdir, voc_root, capsys):
         assert len(_children(url2)[2]) == n
     finally:
         stop(server2)
+        shutil.rmtree(server_dir, ignore_errors=True)
