@@ -128,13 +128,20 @@ def tiny_model_name(tiny: Mapping[str, Any], register: bool = True) -> str:
                          "width": c["text_width"], "heads": c["text_heads"],
                          "layers": c["text_layers"], **dict(extras.get("text", {}))},
         }
-        # open_clip reads the file when it is added and keeps the config in memory; the file
-        # and its folder go at once (a later rescan skips a path that is no longer there).
-        with tempfile.TemporaryDirectory(prefix="ovss-openclip-") as tmp:
-            path = Path(tmp) / f"{name}.json"
-            path.write_text(json.dumps(cfg))
-            open_clip.add_model_config(path)
+        register_config(name, cfg)
     return name
+
+
+def register_config(name: str, cfg: Mapping[str, Any]) -> None:
+    """Add the model config ``cfg`` (open_clip's ``model_configs/*.json`` schema) to open_clip
+    under ``name``. open_clip reads the file when it is added and keeps the config in memory;
+    the file and its folder go at once (a later rescan skips a path that is no longer there)."""
+    import open_clip
+
+    with tempfile.TemporaryDirectory(prefix="ovss-openclip-") as tmp:
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)
 
 
 def load_clip(backbone: Mapping[str, Any], seed: int, device: str,

@@ -70,4 +70,3 @@ def voc_root(tmp_path_factory):
     from search.data.synthetic import make_dataset
 
     return make_dataset("voc", tmp_path_factory.mktemp("voc"), n=8, seed=0)
-

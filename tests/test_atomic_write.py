@@ -181,10 +181,8 @@ ALLOWED = {
     ("rewards/fidelity.py", "scatter_plot"): "called with a TemporaryDirectory (outputs._fidelity)",
     ("search/data/synthetic.py", "_write"): "a private temporary directory, renamed whole",
     ("search/data/synthetic.py", "make_dataset"): "renames that directory into place at once",
-    ("methods/open_clip_backbone.py", "tiny_model_name"):
-        "a tiny config in a TemporaryDirectory, gone once open_clip has read it",
-    ("methods/pnp/presence.py", "_register_tiny"):
-        "a tiny config in a TemporaryDirectory, gone once open_clip has read it",
+    ("methods/open_clip_backbone.py", "register_config"):
+        "a model config in a TemporaryDirectory, gone once open_clip has read it",
     ("bench/search.py", "main"): "a random-weight checkpoint in the bench's temporary directory",
     ("bench/toy_blip_train.py", "save_model"): "a private temporary directory, renamed whole",
     ("search/engine/backbones.py", "run_backbones"):

@@ -16,8 +16,6 @@ builds a tiny random-weight CLIP (tests and ``--preset smoke``).
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ClassSet, OvssError
-from methods.open_clip_backbone import load_clip, shipped_backbone, shipped_names
+from methods.open_clip_backbone import load_clip, register_config, shipped_backbone, shipped_names
 
 PresenceFilter = Callable[[np.ndarray, ClassSet], Sequence[int]]
 _TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32,
@@ -114,11 +112,7 @@ def _register_tiny() -> None:
 
     if _TINY_NAME in open_clip.list_models():
         return
-    # open_clip keeps the config once it read the file: the file and its folder go at once
-    with tempfile.TemporaryDirectory(prefix="ovss-pnp-") as tmp:
-        path = Path(tmp) / f"{_TINY_NAME}.json"
-        path.write_text(json.dumps(_TINY))
-        open_clip.add_model_config(path)
+    register_config(_TINY_NAME, _TINY)
 
 
 def build_presence_filter(settings: Mapping[str, Any], device: str = "cpu") -> PresenceFilter:
