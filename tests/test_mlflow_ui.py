@@ -50,7 +50,8 @@ def _rendered(url: str, profile: Path, tries: int = 3) -> str:
             return dom
     text = " ".join(re.sub(r"<(style|script)[^>]*>.*?</\\1>|<[^>]+>", " ", dom,
                            flags=re.S).split())
-    raise AssertionError(f"{url}: no experiment view after {tries} loads; page text: {text[-1500:]}")
+    raise AssertionError(f"{url}: no experiment view after {tries} loads; "
+                         f"page text: {text[-1500:]}")
 
 
 @pytest.fixture(scope="module")
