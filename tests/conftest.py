@@ -29,7 +29,7 @@ def ray_session():
     2-core machine (`python bench/search_floor.py`), and the suite is CPU-bound. Concurrent
     trials and extraction are tested by the searches that start their own Ray (two CPUs):
     tests/test_faults.py's killed drivers, test_outage, test_console, test_search_e2e's Ctrl-C,
-    test_gpu_packing (eight trials at once) and test_cluster (two nodes)."""
+    test_gpu_packing (four trials at once) and test_cluster (two nodes)."""
     import ray
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,

@@ -1,7 +1,7 @@
 """Ray's GPU packing, for real, on a machine without a GPU: a search started with
 ``OVSS_LOCAL_GPUS=2`` (a local Ray advertising two logical GPUs) and ``--gpus-per-extract 1
---gpus-per-trial 0.25`` runs at most two extraction tasks and eight trials at once, one trial
-GPU never shared by more than four; and a worker whose GPU is no CUDA device runs on CPU with one
+--gpus-per-trial 0.5`` runs at most two extraction tasks and four trials at once, one trial
+GPU never shared by more than two; and a worker whose GPU is no CUDA device runs on CPU with one
 warning line per node and role, never a CUDA traceback.
 
 Ray's view comes from the workers themselves (tests/gpu_packing_method.py): each extract and
@@ -29,10 +29,11 @@ from tests.procs import kill_own
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-LOCAL_GPUS, EXTRACT_GPUS, TRIAL_GPUS = 2, 1.0, 0.25
+LOCAL_GPUS, EXTRACT_GPUS, TRIAL_GPUS = 2, 1.0, 0.5
 MAX_EXTRACT = int(LOCAL_GPUS // EXTRACT_GPUS)          # 2 extraction tasks at once
-MAX_TRIALS = int(LOCAL_GPUS // TRIAL_GPUS)              # 8 trials at once
-PER_GPU = int(1 // TRIAL_GPUS)                          # 4 trials on one GPU
+MAX_TRIALS = int(LOCAL_GPUS // TRIAL_GPUS)              # 4 trials at once (2 CPUs: the GPUs
+#                                                         limit, not the CPUs)
+PER_GPU = int(1 // TRIAL_GPUS)                          # 2 trials on one GPU
 
 
 def peak(intervals: list[tuple[float, float]]) -> int:
