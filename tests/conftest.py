@@ -20,16 +20,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-#: The session Ray keeps its idle workers. Ray kills an idle worker after 1 s once the workers
-#: outnumber the CPUs, as they do while a Tune actor runs beside the extraction worker; the next
-#: task (a search's overlays, the next test's extraction) then starts a fresh process and imports
-#: torch and the method again (~2.5 CPU-s). Kept, one worker serves every test's tasks: six
-#: files of in-process searches, 127 -> 111 s, Ray worker CPU 75 -> 49 CPU-s, 9 -> 1 idle
-#: worker processes started. Only here: a search's own local Ray keeps Ray's default, which
-#: frees the extraction workers' memory (a GPU model's) for the trials.
-SESSION_RAY_CONFIG = {"idle_worker_killing_time_threshold_ms": 3_600_000}
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """The Ray every in-process search of a test process joins. One CPU: those searches run one
@@ -43,7 +33,7 @@ def ray_session():
     import ray
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _system_config=SESSION_RAY_CONFIG)
+             configure_logging=False)
     yield ray
     ray.shutdown()
 
