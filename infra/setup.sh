@@ -9,8 +9,15 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q ${OVSS_TORCH:-torch==2.14.1 torchvision==0.29.1}
-python -m pip install -q -e ".[test]"
+# pip compiles every installed file to bytecode on one core; compileall below does it on all of
+# them, with this repository's sources too (a fresh-clone install, 2 cores: 108 -> ~89 s).
+# Compiled ahead, because where PYTHONDONTWRITEBYTECODE is set (these machines) no import writes
+# a .pyc: every process would compile what it imports, torch included (its import 1.5 -> 3.3 s).
+python -m pip install -q --no-compile ${OVSS_TORCH:-torch==2.14.1 torchvision==0.29.1}
+python -m pip install -q --no-compile -e ".[test]"
+site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+python -m compileall -q -j 0 "$site" search methods rewards bench tests >/dev/null 2>&1 \
+  || echo "compileall: some files did not compile (as pip, it skips them; imports still work)"
 python -c "import torch, ray, optuna, mlflow, open_clip, transformers, segment_anything; \
 print('ovss-tune installed: torch', torch.__version__, '| ray', ray.__version__, '| optuna', \
 optuna.__version__, '| mlflow', mlflow.__version__)"
