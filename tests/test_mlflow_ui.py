@@ -17,6 +17,11 @@ from search.mlflow_app import SCRIPT, WORKFLOW_KEY, inject
 from tests.servers import mlflow_server, stop
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+#: A link of the experiment page's GenAI navigation, in MLflow 3.17 and 3.18 alike (3.18 moved
+#: its "overview/usage" link, which this test looked for until then, to "overview").
+GENAI_NAV = "traces?workflowType=genai"
+#: The runs table's link in the model-training navigation.
+RUNS_NAV = "runs?startTime=ALL&amp;workflowType=machine_learning"
 
 
 def test_inject_puts_the_script_first_in_the_head_once():
@@ -39,14 +44,14 @@ def _browser(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess
 
 def _rendered(url: str, profile: Path, tries: int = 3) -> str:
     """The DOM of ``url`` once the app has drawn an experiment view: the runs table ("Run Name")
-    or the GenAI navigation ("overview/usage"). On a loaded machine the virtual-time budget can
+    or the GenAI navigation (:data:`GENAI_NAV`). On a loaded machine the virtual-time budget can
     end before the app's fetches return (CI once dumped the GenAI page without its navigation):
     such a load is retried with a fresh profile; a page that drew a view is returned as it is,
     right or wrong, for the test to judge."""
     dom = ""
     for i in range(tries):
         dom = _browser(url, profile.with_name(f"{profile.name}-{i}"), "--dump-dom").stdout
-        if "Run Name" in dom or "overview/usage" in dom:
+        if "Run Name" in dom or GENAI_NAV in dom:
             return dom
     text = " ".join(re.sub(r"<(style|script)[^>]*>.*?</\\1>|<[^>]+>", " ", dom,
                            flags=re.S).split())
@@ -80,12 +85,11 @@ def test_the_ovss_server_opens_a_new_experiment_on_the_runs_table(ovss_server):
     fresh = _rendered(page, tmp_path / "profile-a")
     # The runs table: the run's row and the model-training navigation.
     assert "search-ui-check" in fresh and "Run Name" in fresh
-    assert "runs?startTime=ALL&amp;workflowType=machine_learning" in fresh
-    assert "overview/usage" not in fresh
-    # The same page in the GenAI view (what MLflow 3.17 opens without the app): no runs
+    assert RUNS_NAV in fresh and GENAI_NAV not in fresh
+    # The same page in the GenAI view (what MLflow 3.17 and 3.18 open without the app): no runs
     # table, so the check above tells the two apart.
     genai = _rendered(page + "?workflowType=genai", tmp_path / "profile-b")
-    assert "overview/usage" in genai and "search-ui-check" not in genai
+    assert GENAI_NAV in genai and "search-ui-check" not in genai and RUNS_NAV not in genai
 
 
 @pytest.mark.slow
