@@ -44,10 +44,11 @@ def _browser(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess
 
 def _rendered(url: str, profile: Path, tries: int = 3) -> str:
     """The DOM of ``url`` once the app has drawn an experiment view: the runs table ("Run Name")
-    or the GenAI navigation (:data:`GENAI_NAV`). On a loaded machine the virtual-time budget can
-    end before the app's fetches return (CI once dumped the GenAI page without its navigation):
-    such a load is retried with a fresh profile; a page that drew a view is returned as it is,
-    right or wrong, for the test to judge."""
+    or the GenAI navigation (:data:`GENAI_NAV`). A load that drew neither (the virtual-time
+    budget over before the app's fetches returned; not seen so far, a guard) is retried with a
+    fresh profile; a page that drew a view is returned as it is, right or wrong, for the test to
+    judge. On a failure the page's text is in the message: that is how CI's failure of
+    2026-12-07 showed MLflow 3.18's changed navigation rather than a page not drawn."""
     dom = ""
     for i in range(tries):
         dom = _browser(url, profile.with_name(f"{profile.name}-{i}"), "--dump-dom").stdout
