@@ -72,7 +72,7 @@ def _search(workdir: Path, log: Path, barrier: Path) -> subprocess.CompletedProc
                                      # cleanly), and its temp dir
 
 
-def test_logical_gpus_pack_two_extractions_and_eight_trials(tmp_path):
+def test_logical_gpus_pack_two_extractions_and_four_trials(tmp_path):
     import torch
 
     if torch.cuda.is_available():
