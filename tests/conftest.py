@@ -17,6 +17,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per process (torch's OpenMP pool, and what the searches and Ray workers
+# started here inherit): the suite runs two test processes on two cores beside Ray workers and
+# servers, and an OpenMP pool of one thread per core spin-waits for cores the other processes
+# hold. tests/test_pnp.py, test_contract.py and test_pnp_settings.py with `pytest -n 2`:
+# 114 s and 225 busy CPU-s with torch's default (2 threads), 19 s and 37 CPU-s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
@@ -29,11 +36,21 @@ def ray_session():
     2-core machine (`python bench/search_floor.py`), and the suite is CPU-bound. Concurrent
     trials and extraction are tested by the searches that start their own Ray (two CPUs):
     tests/test_faults.py's killed drivers, test_outage, test_console, test_search_e2e's Ctrl-C,
-    test_gpu_packing (four trials at once) and test_cluster (two nodes)."""
+    test_gpu_packing (four trials at once) and test_cluster (two nodes).
+
+    ``num_workers_soft_limit`` 2 (Ray's default: the CPU count, 1): a Ray worker that is idle
+    while a Tune actor runs is kept, not killed after a second, so the next extraction or
+    overlay task of this test process finds a worker that has imported torch and the method
+    already. Ray starts every actor (a Tune trial) in a fresh worker process, never in an idle
+    task worker (Ray 2.60: an actor made after four tasks got a new pid), so with Ray's default
+    the one task worker is killed at every search's tuning and another started after it. On the
+    13 files of in-process searches (`pytest -n 2` of those files, busy CPU-s from /proc/stat,
+    two runs each, interleaved): 441 and 411 CPU-s with Ray's default, 304 and 341 with 2;
+    with OMP_NUM_THREADS=1 (above), 324 with Ray's default and 284 with 2."""
     import ray
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _system_config={"num_workers_soft_limit": 2})
     yield ray
     ray.shutdown()
 
