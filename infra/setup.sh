@@ -5,7 +5,7 @@
 # same pins are the CUDA build). Set OVSS_TORCH="torch==X torchvision==Y" to choose another pair.
 # Run again, it only checks: .venv/.ovss-setup records what the last complete install was made
 # from (this script, pyproject.toml, the torch pins, the Python); when that still matches and
-# the packages import, nothing is installed (.ci/run relies on it: it installs while Debian's
+# the packages are there, nothing is installed (.ci/run relies on it: it installs while Debian's
 # packages install, then runs README's test line, which starts with this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,16 @@ check() {
 print('ovss-tune installed: torch', torch.__version__, '| ray', ray.__version__, '| optuna', \
 optuna.__version__, '| mlflow', mlflow.__version__)"
 }
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && check 2>/dev/null; then
+# Run again with a matching stamp: the packages are there (found, not imported: importing them
+# all takes ~6 s, and README's commands start with this script) at the versions they had.
+present() {
+    .venv/bin/python -c "import importlib.util as u; from importlib.metadata import version as v; \
+gone = [m for m in ('torch', 'ray', 'optuna', 'mlflow', 'open_clip', 'transformers', \
+'segment_anything') if u.find_spec(m) is None]; assert not gone, gone; \
+print('ovss-tune installed: torch', v('torch'), '| ray', v('ray'), '| optuna', v('optuna'), \
+'| mlflow', v('mlflow'))"
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && present 2>/dev/null; then
     echo "(.venv is up to date: $STAMP matches this script, pyproject.toml and the pins)"
     exit 0
 fi

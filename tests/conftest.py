@@ -24,6 +24,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # 114 s and 225 busy CPU-s with torch's default (2 threads), 19 s and 37 CPU-s with 1.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# The Rays that searches started by tests start themselves (two CPUs here) keep four workers
+# before they kill idle ones (Ray reads RAY_<setting> from the environment; its default is the CPU
+# count, 2): with two Tune actors running, Ray's default killed the idle extraction workers, and
+# the overlays after tuning started a fresh worker that imported torch and the method again. A
+# 2-trial toy search in a subprocess (`python -m search.run --method toy ... --num-samples 2
+# --rungs 1`, busy CPU-s from /proc/stat, three runs each, interleaved): 36.0, 33.2, 36.3 with
+# Ray's default, 31.0, 31.3, 31.8 with 4; wall 28.1 vs 26.2 s (means). The session Ray below
+# sets its own limit.
+os.environ.setdefault("RAY_num_workers_soft_limit", "4")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
