@@ -30,8 +30,10 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 # the overlays after tuning started a fresh worker that imported torch and the method again. A
 # 2-trial toy search in a subprocess (`python -m search.run --method toy ... --num-samples 2
 # --rungs 1`, busy CPU-s from /proc/stat, three runs each, interleaved): 36.0, 33.2, 36.3 with
-# Ray's default, 31.0, 31.3, 31.8 with 4; wall 28.1 vs 26.2 s (means). The session Ray below
-# sets its own limit.
+# Ray's default, 31.0, 31.3, 31.8 with 4; wall 28.1 vs 26.2 s (means). Test files with such
+# searches (`pytest -n 2` of test_smoke_methods, test_console, test_evaluate_holdout and one of
+# test_faults; two pairs, interleaved): 413 and 285 busy CPU-s without, 371 and 258 with it.
+# The session Ray below sets its own limit.
 os.environ.setdefault("RAY_num_workers_soft_limit", "4")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
