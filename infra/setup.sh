@@ -13,8 +13,9 @@ PY=${PYTHON:-python3}
 TORCH=${OVSS_TORCH:-torch==2.14.1 torchvision==0.29.1}
 STAMP=.venv/.ovss-setup
 want=$({ cat infra/setup.sh pyproject.toml; echo "$TORCH"; "$PY" -VV; } | sha256sum | cut -d' ' -f1)
+PKGS="torch ray optuna mlflow open_clip transformers segment_anything"   # what both checks look for
 check() {
-    .venv/bin/python -c "import torch, ray, optuna, mlflow, open_clip, transformers, segment_anything; \
+    .venv/bin/python -c "import ${PKGS// /, }; \
 print('ovss-tune installed: torch', torch.__version__, '| ray', ray.__version__, '| optuna', \
 optuna.__version__, '| mlflow', mlflow.__version__)"
 }
@@ -22,8 +23,7 @@ optuna.__version__, '| mlflow', mlflow.__version__)"
 # all takes ~6 s, and README's commands start with this script) at the versions they had.
 present() {
     .venv/bin/python -c "import importlib.util as u; from importlib.metadata import version as v; \
-gone = [m for m in ('torch', 'ray', 'optuna', 'mlflow', 'open_clip', 'transformers', \
-'segment_anything') if u.find_spec(m) is None]; assert not gone, gone; \
+gone = [m for m in '$PKGS'.split() if u.find_spec(m) is None]; assert not gone, gone; \
 print('ovss-tune installed: torch', v('torch'), '| ray', v('ray'), '| optuna', v('optuna'), \
 '| mlflow', v('mlflow'))"
 }
