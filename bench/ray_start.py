@@ -1,6 +1,6 @@
 """What a search pays to start and stop its local Ray, with and without the two changes of
 ``search.engine.session``: ``LOCAL_RAY_ENV`` (the raylet's retry interval for its first connection
-to its object store; idle workers started with the raylet) and ``shutdown_ray`` (the autoscaler
+to its object store; no idle workers started ahead) and ``shutdown_ray`` (the autoscaler
 monitor killed first).
 
     python bench/ray_start.py            # 8 starts and stops of each kind, interleaved

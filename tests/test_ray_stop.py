@@ -63,8 +63,28 @@ raylet = node.all_processes["raylet"][0].process
 env = dict(line.split("=", 1) for line in
            open(f"/proc/{raylet.pid}/environ").read().split("\0") if "=" in line)
 monitor = node.all_processes["monitor"][0].process
+
+
+def workers():
+    found = []
+    for p in os.listdir("/proc"):
+        try:
+            ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            cmd = open(f"/proc/{p}/cmdline", "rb").read()
+        except (OSError, ValueError):
+            continue
+        if ppid == raylet.pid and b"Agent" not in cmd and (b"default_worker" in cmd
+                                                         or cmd.startswith(b"ray::")):
+            found.append(int(p))
+    return found
+
+
+import time
+time.sleep(2)                       # workers started ahead would be up by now
+idle_at_start = workers()
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+seen = {"idle_at_start": len(idle_at_start), "after_a_task": len(workers())}
 procs = [i.process for infos in node.all_processes.values() for i in infos]
-seen = {}
 real = ray.shutdown
 
 def shutdown(*a, **k):
@@ -107,11 +127,14 @@ def test_a_local_ray_starts_with_the_fast_connect_settings_and_stops_its_monitor
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["raylet_env"] == {"RAY_raylet_client_connect_timeout_milliseconds": "100",
                                  "RAY_raylet_client_num_connect_attempts": "7",
-                                 "RAY_enable_worker_prestart": "1",
+                                 "RAY_enable_worker_prestart": "0",
                                  "RAY_prestart_worker_first_driver": "0"}
     assert got["driver_env"] == {"RAY_raylet_client_connect_timeout_milliseconds": None,
                                  "RAY_raylet_client_num_connect_attempts": "7",
                                  "RAY_enable_worker_prestart": None,
                                  "RAY_prestart_worker_first_driver": None}
+    # no idle worker started ahead of the first task (one per CPU with Ray's default); the
+    # task started what it needed
+    assert got["idle_at_start"] == 0 and got["after_a_task"] >= 1
     assert got["monitor_alive_at_shutdown"] is False
     assert got["alive_after"] == []

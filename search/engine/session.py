@@ -18,11 +18,15 @@ from methods.base import OvssError
 #   and Ray waits raylet_client_connect_timeout_milliseconds (1000) before the next try, which
 #   often makes ray.init wait one more second for the node to register; same 10 s budget here
 #   (100 x 100 ms instead of 10 x 1000 ms);
-# - the raylet starts its idle workers (one per CPU, as Ray does) when it starts, not when the
-#   first driver registers, so they boot while ray.init waits (~0.3 s).
+# - no idle workers are started ahead (Ray's default starts one per CPU when the first driver
+#   registers): Tune runs every trial in an actor, a fresh worker process of its own, so the
+#   workers started ahead serve at most the extraction tasks and otherwise only import Ray. A
+#   2-trial toy search on 2 CPUs in a subprocess (three interleaved pairs, busy CPU-s from
+#   /proc/stat): 39.4, 38.1, 38.4 CPU-s and 29.8, 29.2, 28.2 s with one idle worker per CPU
+#   started with the raylet, 36.8, 35.9, 35.3 CPU-s and 27.2, 27.6, 27.0 s with none.
 LOCAL_RAY_ENV = {"RAY_raylet_client_connect_timeout_milliseconds": "100",
                  "RAY_raylet_client_num_connect_attempts": "100",
-                 "RAY_enable_worker_prestart": "1",
+                 "RAY_enable_worker_prestart": "0",
                  "RAY_prestart_worker_first_driver": "0"}
 
 
