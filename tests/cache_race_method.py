@@ -1,4 +1,4 @@
-"""The toy method for the two-searches-one-cache test (tests/test_cache.py).
+"""The toy method for the two-searches-one-cache test (tests/test_two_searches.py).
 
 Loaded in every Ray worker through ``OVSS_METHOD_MODULES=toy=tests.cache_race_method``. With
 ``OVSS_TEST_WRITE_LOG`` set, every evidence cache ``put`` appends ``published|discarded <file>``

@@ -1,6 +1,6 @@
 """Evidence cache: content addressing, checksums, damaged entries (and the race of removing one),
-modes per umask, write-once publishing, two searches at once (the weights' identity in the key:
-tests/test_cache_keys.py)."""
+modes per umask, write-once publishing (two searches at once on one cache:
+tests/test_two_searches.py; the weights' identity in the key: tests/test_cache_keys.py)."""
 
 from __future__ import annotations
 
@@ -275,48 +275,6 @@ def test_memory_lru_is_bounded(tmp_path):
 
 
 # --- two searches, one cache directory ----------------------------------------------------------
-
-@pytest.mark.slow
-def test_two_searches_share_one_cache_directory(tmp_path, voc_root):
-    """Two real searches (each its own local Ray) at once on one cache: both complete, every
-    entry is published once (the loser of each race discards its copy) and reads as valid."""
-    import subprocess
-    import sys
-
-    shared = tmp_path / "shared-cache"
-    log = tmp_path / "writes.log"
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    procs = []
-    for sid in ("a", "b"):
-        work = tmp_path / sid
-        work.mkdir()
-        env = {**os.environ, "OVSS_METHOD_MODULES": "toy=tests.cache_race_method",
-               "OVSS_TEST_WRITE_LOG": str(log), "OVSS_TEST_BARRIER": str(barrier),
-               "OVSS_TEST_SEARCH_ID": sid, "OMP_NUM_THREADS": "1"}
-        env.pop("RAY_ADDRESS", None)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "search.run", "--method", "toy", "--dataset", "voc21",
-             "--data-root", str(voc_root), "--num-samples", "4", "--rungs", "1", "--seed", "3",
-             "--cache-dir", str(shared), "--max-concurrent", "1"],
-            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    lines = [line.split() for line in log.read_text().splitlines()]
-    published = [name for what, name in lines if what == "published"]
-    discarded = [name for what, name in lines if what == "discarded"]
-    on_disk = sorted(p.name for p in shared.rglob("*.safetensors"))
-    assert sorted(published) == on_disk                  # each entry written exactly once
-    assert len(set(published)) == len(published)
-    assert discarded and set(discarded) <= set(published)  # the race happened and was lost
-    assert len(on_disk) >= 8                              # 8 images' base evidence at least
-    assert [p for p in shared.rglob("*") if p.name.startswith(".")] == []
-    reader = EvidenceCache(shared, memory_mb=0)
-    for path in shared.rglob("*.safetensors"):
-        assert reader.get(path.parent.parent.name, path.stem) is not None
-    assert reader.stats["damaged"] == 0
-
 
 def test_a_trial_recomputes_a_damaged_entry(tmp_path, monkeypatch, voc_root):
     """Through the trial code: a damaged base entry is re-extracted, the right evidence used."""

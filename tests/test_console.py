@@ -1,13 +1,12 @@
 """What a user reads (search.core.console): scores in percent with their name, commands that
 run as printed, undefined metrics recorded with their reason, and the libraries' chatter behind
-``--verbose``."""
+``--verbose`` (a real search's console, quiet and verbose: tests/test_two_searches.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -121,31 +120,3 @@ def test_quiet_libraries_leaves_warnings_on(monkeypatch):
         for n, level in before.items():
             logging.getLogger(n).setLevel(level)
         optuna.logging.set_verbosity(optuna.logging.INFO)
-
-
-NOISE = ("A new study created", "View detailed results", "Configuration for experiment",
-         "Downloading artifacts", "Token authentication is enabled", "INFO mlflow")
-
-
-@pytest.mark.slow
-def test_a_local_search_prints_ours_and_verbose_brings_the_rest_back(workdir, voc_root):
-    """Two real searches in fresh processes (each starts its own local Ray, as a user's does),
-    side by side, each in its own directory (its own MLflow store and cache)."""
-    def search(cwd, *extra):
-        cwd.mkdir(exist_ok=True)
-        return subprocess.Popen(
-            [sys.executable, "-m", "search.run", "--method", "toy", "--dataset", "voc21",
-             "--data-root", str(voc_root), "--num-samples", "2", "--rungs", "1", *extra],
-            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ})
-
-    procs = [search(workdir / "quiet"), search(workdir / "loud", "--verbose")]
-    (q_out, q_err), (l_out, l_err) = (p.communicate(timeout=600) for p in procs)
-    quiet = SimpleNamespace(returncode=procs[0].returncode, stdout=q_out, stderr=q_err)
-    loud = SimpleNamespace(returncode=procs[1].returncode, stdout=l_out, stderr=l_err)
-    assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert not [n for n in NOISE if n in quiet.stderr + quiet.stdout]
-    assert "trials 2/2 done" in quiet.stderr and quiet.stdout.startswith("best mIoU ")
-    assert loud.returncode == 0, loud.stderr[-2000:]
-    heard = [n for n in NOISE[:3] if n in loud.stderr + loud.stdout]
-    assert len(heard) == 3, loud.stderr[-3000:]
