@@ -1,6 +1,7 @@
 """Faults injected for real: the driver SIGKILLed before, during and after tuning, then
-``--resume``; a trial worker and an extraction worker SIGKILLed; trials that fail for good; a
-finished search resumed. The MLflow record must stay true through all of it."""
+``--resume``; a trial worker and an extraction worker SIGKILLed; trials that fail for good (rerun
+by ``--resume`` once their cause is gone); a finished search resumed. The MLflow record must stay
+true through all of it."""
 
 from __future__ import annotations
 
@@ -153,19 +154,34 @@ def test_killed_trial_and_extraction_workers_are_retried(ray_session, workdir, v
 
 
 @pytest.mark.ready_store
-def test_a_trial_that_fails_for_good_is_failed_with_its_error(ray_session, workdir, voc_root):
+def test_a_trial_that_fails_for_good_is_failed_with_its_error_and_resume_reruns_it(
+        ray_session, workdir, voc_root):
+    """Trials that raise (pool=2 while the flag file exists) end FAILED with their error and are
+    left out of the best; once the cause is gone, ``--resume`` reruns them into the same child
+    runs. (One search for both: until 2026-12-08 each had its own, here and in
+    tests/test_search_e2e.py.)"""
     flag = workdir / "crash"
     flag.write_text("1")
-    n = 8
-    argv = _argv(voc_root, "failing", n, "--set", f"settings.fail_flag={flag}")
+    argv = ["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
+            "--num-samples", "4", "--rungs", "1", "--seed", "0", "--name", "resumable",
+            "--set", f"settings.fail_flag={flag}", "--set", "space.pool.low=1"]
     assert run_main(argv) == 0
-    client, parents, children = _runs(workdir)
-    failed = [c for c in children if c.info.status == "FAILED"]
-    assert failed and len(failed) < n
+    client, parents, trials = _runs(workdir)
+    failed = [c for c in trials if c.info.status == "FAILED"]
+    assert failed, "the seed should sample pool=2 at least once"
+    assert len(failed) < len(trials)
     for c in failed:
         assert c.data.params["pool"] == "2"
         assert "simulated crash" in c.data.tags["ovss_error"]
         assert "\n" not in c.data.tags["ovss_error"]
         assert "error.txt" in {a.path for a in client.list_artifacts(c.info.run_id)}
-    best = parents[0].data.tags
-    assert best["best.pool"] != "2"                                  # the best ignores them
+    assert parents[0].data.tags["best.pool"] != "2"                # the best ignores them
+
+    flag.unlink()
+    assert run_main([*argv, "--resume"]) == 0
+    _, parents, after = _runs(workdir)
+    assert len(after) == len(trials)                   # no new trials, same child runs
+    assert {t.info.status for t in after} == {"FINISHED"}
+    assert {t.info.run_id for t in after} >= {c.info.run_id for c in failed}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags.get("ovss_resumed") == "true"

@@ -129,31 +129,6 @@ def test_cli_help_documents_every_flag():
         assert flag in out
 
 
-@pytest.mark.ready_store
-def test_resume_reruns_failed_trials_into_the_same_runs(ray_session, workdir, voc_root):
-    flag = workdir / "crash"
-    flag.write_text("1")
-    argv = ["--method", "toy", "--dataset", "voc21", "--data-root", str(voc_root),
-            "--num-samples", "4", "--rungs", "1", "--seed", "0", "--name", "resumable",
-            "--set", f"settings.fail_flag={flag}", "--set", "space.pool.low=1"]
-    assert run_main(argv) == 0
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("toy/tiny/voc21")
-    trials = client.search_runs([exp.experiment_id], "tags.ovss_role = 'trial'")
-    failed = {t.info.run_id for t in trials if t.info.status == "FAILED"}
-    assert failed, "the seed should sample pool=2 at least once"
-    assert len(failed) < len(trials)
-    flag.unlink()
-    assert run_main([*argv, "--resume"]) == 0
-    after = client.search_runs([exp.experiment_id], "tags.ovss_role = 'trial'")
-    assert len(after) == len(trials)                   # no new trials, same child runs
-    assert {t.info.status for t in after} == {"FINISHED"}
-    assert {t.info.run_id for t in after} >= failed
-    parents = client.search_runs([exp.experiment_id], "tags.ovss_role = 'search'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert parents[0].data.tags.get("ovss_resumed") == "true"
-
-
 def _read_so_far(proc) -> str:
     """Non-blocking read of what the child wrote to stderr (its tables exist once it prints)."""
     import os
