@@ -46,9 +46,11 @@ def ray_session():
     two CPUs starts two: 17.2 vs 10.7 CPU-s, 11.0 vs 8.4 s for a 6-trial toy search on this
     2-core machine (`python bench/search_floor.py`), and the suite is CPU-bound. Concurrent
     trials and extraction are tested by the searches that start their own Ray (two CPUs):
-    tests/test_faults.py's killed drivers, test_outage, test_search_e2e's Ctrl-C,
-    test_gpu_packing (four trials at once), test_cluster (two nodes) and test_two_searches (two
-    searches, each its own Ray, at once).
+    tests/test_faults.py's driver killed during tuning, test_gpu_packing (four trials at once)
+    and test_cluster (two nodes); the other searches that start their own Ray (test_faults'
+    other kills, test_outage, test_search_e2e's Ctrl-C, test_two_searches: two searches, each
+    its own Ray, at once) run one trial at a time (``--max-concurrent 1``: one Tune actor, ~4
+    CPU-s of start-up, less each).
 
     ``num_workers_soft_limit`` 2 (Ray's default: the CPU count, 1): a Ray worker that is idle
     while a Tune actor runs is kept, not killed after a second, so the next extraction or

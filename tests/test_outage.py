@@ -44,8 +44,9 @@ def test_server_killed_mid_search_then_sync(workdir, voc_root, capsys):
     n = 6      # the server dies after the third trial started: three or more trials are left
     proc = subprocess.Popen(
         [sys.executable, "-m", "search.run", "--method", "toy", "--dataset", "voc21",
-         "--data-root", str(voc_root), "--num-samples", str(n), "--rungs", "2", "--name",
-         "outage", "--tracking-uri", url, "--set", "settings.decode_delay=0.2"],
+         "--data-root", str(voc_root), "--num-samples", str(n), "--rungs", "2",
+         "--max-concurrent", "1", "--name", "outage", "--tracking-uri", url, "--set",
+         "settings.decode_delay=0.2"],
         cwd=workdir, env={**os.environ, **QUICK_FAIL}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     lines: list[str] = []

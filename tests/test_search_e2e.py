@@ -152,14 +152,15 @@ def test_ctrl_c_leaves_no_run_running(workdir, voc_root):
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "search.run", "--method", "toy", "--dataset", "voc21",
-         "--data-root", str(voc_root), "--num-samples", "500", "--rungs", "1"],
+         "--data-root", str(voc_root), "--num-samples", "500", "--rungs", "1",
+         "--max-concurrent", "1"],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ})
     db = workdir / "mlflow.db"
     deadline = time.time() + 120
     client = None
     while time.time() < deadline:   # wait until trials are being logged
-        time.sleep(2)
+        time.sleep(0.5)
         if db.exists() and "extract" in _read_so_far(proc):
             client = client or MlflowClient(f"sqlite:///{db}")
             exps = [e.experiment_id for e in client.search_experiments()]
