@@ -3,6 +3,8 @@ it (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, what ovss-tune's servers and p
 ui`` commands use: ``search.core.console.MLFLOW_SERVER_ENV``).
 
     python bench/mlflow_server.py            # 4 starts of each kind, interleaved
+    python bench/mlflow_server.py --ui-workers   # the local UI: 4 workers (MLflow's default)
+                                                 # against 1 (the printed `mlflow ui` command)
 
 Each start: ``mlflow server`` on a fresh sqlite store, in its own process group; the CPU seconds
 of every process of that group (the CLI, uvicorn, and with the runner its huey consumers),
@@ -44,16 +46,20 @@ def _group_cpu(pgid: int, seen: dict[str, float]) -> None:
             seen[f"{p}:{rest[19]}"] = (int(rest[11]) + int(rest[12])) / TICK
 
 
-def _one(jobs: bool, settle: float) -> tuple[float, float, int]:
+def _one(jobs: bool, settle: float, ui_workers: int | None = None) -> tuple[float, float, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = Path(tempfile.mkdtemp(prefix="ovb"))
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-           "--artifacts-destination", str(tmp / "mlartifacts")]
+    if ui_workers is None:
+        cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+               "--artifacts-destination", str(tmp / "mlartifacts")]
+    else:   # the local UI as search.record.tracking.ui_link prints it, with this many workers
+        cmd = [mlflow, "ui", "--app-name", "ovss", "--workers", str(ui_workers), "--port",
+               str(port), "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db"]
     seen: dict[str, float] = {}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -88,19 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--settle", type=float, default=8.0,
                     help="seconds after /health answers that still count (default 8)")
+    ap.add_argument("--ui-workers", action="store_true",
+                    help="compare `mlflow ui` with 4 workers against 1 (job runner off)")
     args = ap.parse_args(argv)
-    rows: dict[bool, list[tuple[float, float, int]]] = {True: [], False: []}
+    if args.ui_workers:
+        kinds = [((False, 4), "mlflow ui, 4 workers (default)"),
+                 ((False, 1), "mlflow ui, 1 worker (ovss-tune)")]
+    else:
+        kinds = [((True, None), "job runner on (MLflow's default)"),
+                 ((False, None), "job runner off (ovss-tune)")]
+    rows: dict[tuple, list[tuple[float, float, int]]] = {k: [] for k, _ in kinds}
     for _ in range(args.runs):
-        for jobs in (True, False):
-            rows[jobs].append(_one(jobs, args.settle))
-    med = {}
-    for jobs, name in ((True, "job runner on (MLflow's default)"),
-                       (False, "job runner off (ovss-tune)")):
-        up, cpu, n = (statistics.median(x) for x in zip(*rows[jobs]))
-        med[jobs] = cpu
+        for (jobs, workers), _name in kinds:
+            rows[(jobs, workers)].append(_one(jobs, args.settle, workers))
+    med = []
+    for key, name in kinds:
+        up, cpu, n = (statistics.median(x) for x in zip(*rows[key]))
+        med.append(cpu)
         print(f"{name:34s} /health after {up:5.1f} s  CPU {cpu:5.1f} s  processes {n:3.0f}  "
               f"(median of {args.runs})")
-    print(f"CPU to start, on / off: {med[True] / med[False]:.1f}x")
+    print(f"CPU to start, first / second: {med[0] / med[1]:.1f}x")
     return 0
 
 

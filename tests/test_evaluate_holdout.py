@@ -79,7 +79,7 @@ def _runs_in_a_fresh_shell(out: list[str], workdir) -> None:
     import shlex
     import subprocess
 
-    from tests.servers import free_port, http_status, job_runner, stop
+    from tests.servers import free_port, group_commands, http_status, job_runner, stop
 
     # A fresh shell: no virtual environment on PATH; only the test method's registration
     # (tests/conftest.py: the toy method lives in tests/) comes along.
@@ -106,6 +106,9 @@ def _runs_in_a_fresh_shell(out: list[str], workdir) -> None:
             status = http_status(page, timeout=20)
         assert status == 200, (workdir / "ui.log").read_text()[-2000:]
         assert job_runner(proc.pid) == []   # the printed UI command leaves MLflow's job runner off
+        # ... and serves from one process: no uvicorn workers spawned beside it (MLflow's default
+        # of 4 spawns four)
+        assert [c for c in group_commands(proc.pid) if "spawn_main" in c] == []
     finally:
         stop(proc)
         log.close()

@@ -183,13 +183,16 @@ def ui_link(tracking_uri: str, experiment_id: str) -> tuple[str, str | None]:
     GenAI or model-training pages from a workflow switch (URL ``workflowType``, else the browser's
     last choice, GenAI at first), which wins over the experiment's ``mlflow.experimentKind`` tag:
     the link names the view, and a local UI is started with ``--app-name ovss``
-    (:mod:`search.mlflow_app`), which opens runs tables without it. The command runs as printed
-    (:func:`search.core.console.mlflow_server_command`)."""
+    (:mod:`search.mlflow_app`), which opens runs tables without it, and with one worker process:
+    MLflow's default of 4 is for a shared server, and a local UI for one user started 4 uvicorn
+    workers, each importing MLflow (`python bench/mlflow_server.py --ui-workers`, 2-core machine,
+    medians of 3: /health after 15.7 s and 24.6 CPU-s with 4, 12.2 s and 12.3 CPU-s with 1). The
+    command runs as printed (:func:`search.core.console.mlflow_server_command`)."""
     from search.core.console import mlflow_server_command
 
     page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{page}", None
     return (f"http://127.0.0.1:5000/{page}",
-            mlflow_server_command("ui", "--app-name", "ovss", "--backend-store-uri",
-                                  tracking_uri))
+            mlflow_server_command("ui", "--app-name", "ovss", "--workers", "1",
+                                  "--backend-store-uri", tracking_uri))
