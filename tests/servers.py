@@ -95,17 +95,28 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     proc.wait()
 
 
-def group_commands(pgid: int) -> list[str]:
-    """Command lines of the live processes in process group ``pgid``."""
+def _commands_where(field: int, value: int) -> list[str]:
+    """Command lines of the live processes whose /proc/PID/stat field ``field`` (counted from
+    the state, 0; 1 the parent pid, 2 the process group) is ``value``."""
     found = []
     for d in Path("/proc").iterdir():
         try:
             st = (d / "stat").read_text()
-            if int(st[st.rfind(")") + 2:].split()[2]) == pgid:
+            if int(st[st.rfind(")") + 2:].split()[field]) == value:
                 found.append((d / "cmdline").read_bytes().replace(b"\0", b" ").decode())
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def group_commands(pgid: int) -> list[str]:
+    """Command lines of the live processes in process group ``pgid``."""
+    return _commands_where(2, pgid)
+
+
+def child_commands(ppid: int) -> list[str]:
+    """Command lines of the live children of process ``ppid``."""
+    return _commands_where(1, ppid)
 
 
 def job_runner(pgid: int) -> list[str]:

@@ -52,9 +52,10 @@ def test_ray_stops_once_nothing_needs_it(ray_session, workdir, monkeypatch, caps
 
 
 _LOCAL_RAY = r"""
-import json, os, sys
+import json, os, sys, time
 import ray
 from search.engine.session import LOCAL_RAY_ENV, init_ray, shutdown_ray
+from tests.servers import child_commands
 
 os.environ["RAY_raylet_client_num_connect_attempts"] = "7"     # the user's own value wins
 assert init_ray(None)
@@ -65,21 +66,11 @@ env = dict(line.split("=", 1) for line in
 monitor = node.all_processes["monitor"][0].process
 
 
-def workers():
-    found = []
-    for p in os.listdir("/proc"):
-        try:
-            ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
-            cmd = open(f"/proc/{p}/cmdline", "rb").read()
-        except (OSError, ValueError):
-            continue
-        if ppid == raylet.pid and b"Agent" not in cmd and (b"default_worker" in cmd
-                                                         or cmd.startswith(b"ray::")):
-            found.append(int(p))
-    return found
+def workers():   # the raylet's worker processes (not its agents)
+    return [c for c in child_commands(raylet.pid)
+            if "Agent" not in c and ("default_worker" in c or c.startswith("ray::"))]
 
 
-import time
 time.sleep(2)                       # workers started ahead would be up by now
 idle_at_start = workers()
 assert ray.get(ray.remote(lambda: 1).remote()) == 1
